@@ -1,0 +1,58 @@
+#!/usr/bin/env bash
+# Set up vitq-bench in .venv at the repo root: torch, timm, the OpenMMLab stack
+# (mmcv 2.1.0 built from source with its CPU ops) and this package, editable.
+# Idempotent: a second run only checks. See ../shared/notes/mm-stack.md for why
+# each step is the way it is.
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+PYTHON=${PYTHON:-python3.11}
+VENV="$ROOT/.venv"
+TORCH_VERSION=2.14.1
+TORCHVISION_VERSION=0.29.1
+MMCV_VERSION=2.1.0
+# Bump when the source patch below changes, so cached wheels are rebuilt.
+MMCV_PATCH_ID=cxx20-v1
+CACHE=${VITQ_CACHE:-$HOME/.cache/vitq-bench}
+WHEELHOUSE="$CACHE/wheelhouse/mmcv-$MMCV_VERSION-torch$TORCH_VERSION-cp311-$MMCV_PATCH_ID"
+
+log() { printf '[setup] %s\n' "$*"; }
+
+command -v "$PYTHON" >/dev/null || { echo "setup: $PYTHON not found; install Python 3.11 (Debian 12: apt-get install python3.11-venv)" >&2; exit 2; }
+
+if [ ! -x "$VENV/bin/python" ]; then
+  log "creating $VENV"
+  "$PYTHON" -m venv "$VENV"
+fi
+PIP=("$VENV/bin/python" -m pip --disable-pip-version-check)
+
+if ! "$VENV/bin/python" -c "import torch, torchvision, sys; sys.exit(torch.__version__.split('+')[0] != '$TORCH_VERSION')" 2>/dev/null; then
+  log "installing torch $TORCH_VERSION and torchvision $TORCHVISION_VERSION"
+  "${PIP[@]}" install -q "torch==$TORCH_VERSION" "torchvision==$TORCHVISION_VERSION"
+fi
+# setuptools<81: mmcv's setup.py and mmengine's config loader import pkg_resources.
+"${PIP[@]}" install -q 'setuptools<81' wheel ninja 'mmengine==0.10.7'
+
+if ! "$VENV/bin/python" -c "import mmcv, sys; sys.exit(mmcv.__version__ != '$MMCV_VERSION')" 2>/dev/null; then
+  if ! ls "$WHEELHOUSE"/mmcv-*.whl >/dev/null 2>&1; then
+    log "building mmcv $MMCV_VERSION with CPU ops (about 7 min on 2 cores); cached in $WHEELHOUSE"
+    build=$(mktemp -d)
+    "${PIP[@]}" download -q --no-deps --no-binary :all: --no-build-isolation "mmcv==$MMCV_VERSION" -d "$build"
+    tar -xzf "$build"/mmcv-"$MMCV_VERSION".tar.gz -C "$build"
+    src="$build/mmcv-$MMCV_VERSION"
+    # torch >= 2.6 headers need C++20; mmcv's setup.py hard-codes -std=c++17.
+    grep -q -- '-std=c++17' "$src/setup.py"
+    sed -i 's/-std=c++17/-std=c++20/g' "$src/setup.py"
+    mkdir -p "$WHEELHOUSE.tmp"
+    CUDA_VISIBLE_DEVICES= MMCV_WITH_OPS=1 FORCE_CUDA=0 MAX_JOBS=2 CFLAGS=-g0 \
+      "${PIP[@]}" wheel -q --no-deps --no-build-isolation -w "$WHEELHOUSE.tmp" "$src"
+    rm -rf "$WHEELHOUSE" && mv "$WHEELHOUSE.tmp" "$WHEELHOUSE"
+    rm -rf "$build"
+  fi
+  log "installing mmcv from $WHEELHOUSE"
+  "${PIP[@]}" install -q --no-deps "$WHEELHOUSE"/mmcv-*.whl
+fi
+
+log "installing vitq-bench (editable) with its pinned dependencies"
+"${PIP[@]}" install -q -e "$ROOT[mm,dev]"
+log "done: $("$VENV/bin/python" -c 'import torch, timm, mmcv, mmdet, mmseg; print(f"torch {torch.__version__}, timm {timm.__version__}, mmcv {mmcv.__version__}, mmdet {mmdet.__version__}, mmseg {mmseg.__version__}")')"
