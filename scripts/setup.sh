@@ -25,19 +25,21 @@ if [ ! -x "$VENV/bin/python" ]; then
   "$PYTHON" -m venv "$VENV"
 fi
 PIP=("$VENV/bin/python" -m pip --disable-pip-version-check)
+# This machine's pip config lists local index folders that may not exist; drop that noise.
+pip_() { "${PIP[@]}" "$@" 2> >(grep -v 'is ignored: it is neither a file nor a directory' >&2); }
 
 if ! "$VENV/bin/python" -c "import torch, torchvision, sys; sys.exit(torch.__version__.split('+')[0] != '$TORCH_VERSION')" 2>/dev/null; then
   log "installing torch $TORCH_VERSION and torchvision $TORCHVISION_VERSION"
-  "${PIP[@]}" install -q "torch==$TORCH_VERSION" "torchvision==$TORCHVISION_VERSION"
+  pip_ install -q "torch==$TORCH_VERSION" "torchvision==$TORCHVISION_VERSION"
 fi
 # setuptools<81: mmcv's setup.py and mmengine's config loader import pkg_resources.
-"${PIP[@]}" install -q 'setuptools<81' wheel ninja 'mmengine==0.10.7'
+pip_ install -q 'setuptools<81' wheel ninja 'mmengine==0.10.7'
 
 if ! "$VENV/bin/python" -c "import mmcv, sys; sys.exit(mmcv.__version__ != '$MMCV_VERSION')" 2>/dev/null; then
   if ! ls "$WHEELHOUSE"/mmcv-*.whl >/dev/null 2>&1; then
     log "building mmcv $MMCV_VERSION with CPU ops (about 7 min on 2 cores); cached in $WHEELHOUSE"
     build=$(mktemp -d)
-    "${PIP[@]}" download -q --no-deps --no-binary :all: --no-build-isolation "mmcv==$MMCV_VERSION" -d "$build"
+    pip_ download -q --no-deps --no-binary :all: --no-build-isolation "mmcv==$MMCV_VERSION" -d "$build"
     tar -xzf "$build"/mmcv-"$MMCV_VERSION".tar.gz -C "$build"
     src="$build/mmcv-$MMCV_VERSION"
     # torch >= 2.6 headers need C++20; mmcv's setup.py hard-codes -std=c++17.
@@ -45,14 +47,14 @@ if ! "$VENV/bin/python" -c "import mmcv, sys; sys.exit(mmcv.__version__ != '$MMC
     sed -i 's/-std=c++17/-std=c++20/g' "$src/setup.py"
     mkdir -p "$WHEELHOUSE.tmp"
     CUDA_VISIBLE_DEVICES= MMCV_WITH_OPS=1 FORCE_CUDA=0 MAX_JOBS=2 CFLAGS=-g0 \
-      "${PIP[@]}" wheel -q --no-deps --no-build-isolation -w "$WHEELHOUSE.tmp" "$src"
+      pip_ wheel -q --no-deps --no-build-isolation -w "$WHEELHOUSE.tmp" "$src"
     rm -rf "$WHEELHOUSE" && mv "$WHEELHOUSE.tmp" "$WHEELHOUSE"
     rm -rf "$build"
   fi
   log "installing mmcv from $WHEELHOUSE"
-  "${PIP[@]}" install -q --no-deps "$WHEELHOUSE"/mmcv-*.whl
+  pip_ install -q --no-deps "$WHEELHOUSE"/mmcv-*.whl
 fi
 
 log "installing vitq-bench (editable) with its pinned dependencies"
-"${PIP[@]}" install -q -e "$ROOT[mm,dev]"
+pip_ install -q -e "$ROOT[mm,dev]"
 log "done: $("$VENV/bin/python" -c 'import torch, timm, mmcv, mmdet, mmseg; print(f"torch {torch.__version__}, timm {timm.__version__}, mmcv {mmcv.__version__}, mmdet {mmdet.__version__}, mmseg {mmseg.__version__}")')"
