@@ -29,6 +29,7 @@ from torch import nn
 from methods.quant.bits import BitSpec
 from methods.quant.target import QuantTarget
 
+KNOWN_PROFILES = ("paper", "fast", "ci")
 PROVENANCE_LEVELS = ("code-verified", "paper", "reconstructed", "choice")
 BUILTIN_MODULES = ("methods.baselines",)
 ENTRY_POINT_GROUP = "vitq_bench.methods"
@@ -100,8 +101,12 @@ class QuantMethod:
     def make_config(cls, profile: str = "paper", **overrides: Any) -> Any:
         """Config for a profile: dataclass defaults ("paper") plus the profile's overrides.
 
-        A profile the method does not define falls back to ``paper``.
+        A profile the method does not define falls back to ``paper`` (a method may have no
+        cheaper setting); ``PROFILES`` keys must be known profile names.
         """
+        unknown = set(cls.PROFILES) - set(KNOWN_PROFILES)
+        if unknown:
+            raise ValueError(f"method {cls.name!r}: unknown profiles {sorted(unknown)}; use {KNOWN_PROFILES}")
         values = dict(cls.PROFILES.get(profile, {}))
         values.update(overrides)
         return dataclasses.replace(cls.Config(), **values)
@@ -132,11 +137,11 @@ def _load_all() -> None:
     global _loaded
     if _loaded:
         return
-    _loaded = True
     for mod in BUILTIN_MODULES:
         import_module(mod)
     for ep in entry_points(group=ENTRY_POINT_GROUP):
         ep.load()  # importing registers the method
+    _loaded = True  # only once every import succeeded, so a failure is not hidden next time
 
 
 def available_methods() -> list[str]:

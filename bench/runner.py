@@ -1,0 +1,282 @@
+"""Local executor: runs grid jobs one after another and writes one record per job.
+
+A job whose record exists is skipped (resume) unless ``force``. FP jobs come first
+in the grid, so every quantized job finds its reference metric in ``fp_by_ref``.
+A :class:`~tasks.base.TaskError` (missing data or weights) aborts the run — it
+would fail every later job the same way; any other exception fails only its job.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import logging
+import random
+import resource
+import sys
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from bench.env import environment
+from bench.grid import Job
+from bench.progress import Reporter, make_reporter
+from bench.store import SCHEMA_VERSION, ResultStore, jsonable
+from methods.base import RunContext, get_method
+from methods.quant.bits import BitSpec, parse_bits
+from tasks.base import Task, TaskError
+
+log = logging.getLogger("vitq.runner")
+PHASES = ("generation", "calibration", "finetune")
+
+
+@dataclass
+class JobResult:
+    job: Job
+    status: str  # "done" | "cached" | "failed"
+    record: dict | None = None
+    seconds: float = 0.0
+    error: str | None = None
+
+
+@dataclass
+class RunSummary:
+    results: list[JobResult] = field(default_factory=list)
+
+    def count(self, status: str) -> int:
+        return sum(r.status == status for r in self.results)
+
+    @property
+    def failed(self) -> list[JobResult]:
+        return [r for r in self.results if r.status == "failed"]
+
+
+@contextlib.contextmanager
+def seeded(seed: int) -> Iterator[None]:
+    """Seed python/numpy/torch and turn on deterministic algorithms for one job, then restore."""
+    prev = (
+        torch.are_deterministic_algorithms_enabled(),
+        torch.is_deterministic_algorithms_warn_only_enabled(),
+    )
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)  # also seeds every CUDA device
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(prev[0], warn_only=prev[1])
+
+
+class _PeakMemory:
+    """Peak memory of a job: CUDA allocator peak on GPU; process peak RSS on CPU."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.cuda = device.type == "cuda"
+        if self.cuda:
+            torch.cuda.reset_peak_memory_stats(device)
+            self.method = "torch.cuda.max_memory_allocated"
+        else:
+            # ru_maxrss never decreases, so later jobs of the same process report at least earlier peaks.
+            self.method = "resource.getrusage(RUSAGE_SELF).ru_maxrss (process peak RSS since start)"
+
+    def read_mb(self) -> float:
+        if self.cuda:
+            return torch.cuda.max_memory_allocated(self.device) / 2**20
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return rss / 2**20 if sys.platform == "darwin" else rss / 1024  # bytes on macOS, KiB on Linux
+
+
+def _model_size_bits(model: nn.Module, quant_path: str, bits: BitSpec) -> int | None:
+    try:
+        from methods.quant.policy import model_size_bits
+    except ImportError:  # the policy module is optional until the quant core lands
+        return None
+    module = model.get_submodule(quant_path) if quant_path else model
+    return int(model_size_bits(module, bits))
+
+
+def _delta(metrics: Mapping[str, float], fp: Mapping[str, float] | None) -> dict[str, float] | None:
+    if not fp:
+        return None
+    return {k: float(v) - float(fp[k]) for k, v in metrics.items() if k in fp}
+
+
+def _measure(job: Job, task: Task, method: Any, ctx: RunContext) -> dict[str, Any]:
+    """Load, quantize (timed), evaluate (timed) under the job's seed; peak memory over all three."""
+    with seeded(job.seed):
+        memory = _PeakMemory(ctx.device)
+        t0 = time.perf_counter()
+        target = task.load(job.model, job.dataset, job.weights)
+        target.model.to(ctx.device)
+        t1 = time.perf_counter()
+        qmodel = method.quantize(target, parse_bits(job.bits), ctx)
+        t2 = time.perf_counter()
+        metrics = {k: float(v) for k, v in task.evaluate(qmodel, job.dataset, ctx.device).items()}
+        t3 = time.perf_counter()
+        return dict(
+            target=target,
+            qmodel=qmodel,
+            metrics=metrics,
+            load=t1 - t0,
+            quantize=t2 - t1,
+            evaluation=t3 - t2,
+            peak_mb=memory.read_mb(),
+            memory_method=memory.method,
+        )
+
+
+def run_job(
+    job: Job,
+    task: Task,
+    store: ResultStore,
+    device: torch.device,
+    fp_metrics: dict[str, float] | None,
+    reporter_msg: Callable[[str], None] | None = None,
+) -> dict:
+    """Run one job end to end and write its record; returns the record."""
+    method_cls = get_method(job.method)
+    method = method_cls(method_cls.make_config(job.profile))
+    ctx = RunContext(
+        device=device,
+        seed=job.seed,
+        profile=job.profile,
+        cache_dir=store.root / "cache",
+        artifacts_dir=store.root / "artifacts" / job.key,
+        # Real calibration images only for PTQ methods: data-free methods must not see the task's data.
+        calibration=None if method_cls.data_free else (lambda n: task.calibration(job.dataset, n, job.seed)),
+    )
+    if reporter_msg is not None:
+        ctx.progress = reporter_msg
+    for d in (ctx.artifacts_dir, ctx.cache_dir):
+        d.mkdir(parents=True, exist_ok=True)
+    t_start = time.perf_counter()
+    try:
+        m = _measure(job, task, method, ctx)
+    finally:
+        for d in (ctx.artifacts_dir, ctx.artifacts_dir.parent):
+            with contextlib.suppress(OSError):
+                d.rmdir()  # only succeeds when empty: keeps what a method saved
+    target, metrics = m["target"], m["metrics"]
+
+    notes: list[str] = []
+    bits = parse_bits(job.bits)
+    resolved = ctx.extra.get("bits")
+    if not isinstance(resolved, BitSpec):
+        resolved = bits
+        if not bits.is_fp:
+            notes.append(
+                "method did not report resolved per-layer bits (ctx.extra['bits']); size uses the spec"
+            )
+    size = _model_size_bits(m["qmodel"], target.quant_path, resolved)
+    if size is None:
+        notes.append("model size unavailable (methods.quant.policy.model_size_bits not importable)")
+    if job.is_fp:
+        fp_metrics = metrics
+    elif fp_metrics is None:
+        notes.append("FP reference unavailable (the fp job failed)")
+
+    timings = {p: float(ctx.timings.get(p, 0.0)) for p in PHASES}
+    timings.update({k: float(v) for k, v in ctx.timings.items() if k not in timings})
+    timings.update({k: m[k] for k in ("load", "quantize", "evaluation")}, total=time.perf_counter() - t_start)
+    extra = {k: v for k, v in ctx.extra.items() if k not in ("bits", "policy")}
+    bit_record = resolved.to_record()
+    record = {
+        "schema": SCHEMA_VERSION,
+        "key": job.key,
+        "job_id": job.job_id,
+        **job.key_parts(),
+        "metrics": metrics,
+        "fp_metrics": fp_metrics,
+        "delta_to_fp": _delta(metrics, fp_metrics),
+        "timings": timings,
+        "peak_memory_mb": round(m["peak_mb"], 2),
+        "peak_memory_method": m["memory_method"],
+        "model_size_bits": size,
+        "bit_spec": {k: v for k, v in bit_record.items() if k != "layers"},
+        "layer_bits": bit_record["layers"],
+        "policy": ctx.extra.get("policy"),
+        "target": {
+            "model_name": target.model_name,
+            "quant_path": target.quant_path,
+            "family": target.family,
+            "num_classes": target.num_classes,
+            "input_spec": asdict(target.input_spec),
+            "info": target.info,
+        },
+        "method_info": {
+            "class": f"{method_cls.__module__}.{method_cls.__qualname__}",
+            "data_free": bool(method_cls.data_free),
+            "summary": getattr(method_cls, "summary", ""),
+            "provenance": dict(getattr(method_cls, "provenance", {})),
+        },
+        "environment": environment(device),
+        "extra": extra,
+        "notes": [*ctx.notes, *notes],
+        "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+    }
+    record = jsonable(record)
+    store.write(record)
+    return record
+
+
+def run_jobs(
+    jobs: Sequence[Job],
+    store: ResultStore,
+    tasks: Mapping[str, Task],
+    device: torch.device,
+    *,
+    force: bool = False,
+    reporter: Reporter | None = None,
+) -> RunSummary:
+    """Run (or skip) every job in order. Raises TaskError on missing data/weights."""
+    reporter = reporter or make_reporter(stream=sys.stdout)
+    primary_metric = {name: getattr(t, "primary_metric", "") for name, t in tasks.items()}
+    summary = RunSummary()
+    fp_by_ref: dict[tuple, dict[str, float] | None] = {}
+    reporter.begin(jobs)
+    try:
+        for i, job in enumerate(jobs):
+            metric = primary_metric.get(job.task, "")
+            existing = None if force else store.load(job.key)
+            if existing is not None:
+                if job.is_fp:
+                    fp_by_ref[job.reference] = existing.get("metrics")
+                summary.results.append(JobResult(job, "cached", existing))
+                reporter.finished(i, "cached", existing, metric, 0.0)
+                continue
+            reporter.started(i)
+            t0 = time.perf_counter()
+            try:
+                record = run_job(
+                    job,
+                    tasks[job.task],
+                    store,
+                    device,
+                    fp_by_ref.get(job.reference),
+                    reporter_msg=lambda msg, _i=i: reporter.message(_i, msg),
+                )
+            except TaskError as e:
+                reporter.finished(i, "failed", None, metric, time.perf_counter() - t0, error=str(e))
+                raise
+            except Exception as e:  # one broken job must not lose the rest of the grid
+                seconds = time.perf_counter() - t0
+                err = f"{type(e).__name__}: {e}"
+                log.exception("job %s failed", job.job_id)
+                summary.results.append(JobResult(job, "failed", None, seconds, err))
+                reporter.finished(i, "failed", None, metric, seconds, error=err)
+                continue
+            if job.is_fp:
+                fp_by_ref[job.reference] = record["metrics"]
+            seconds = time.perf_counter() - t0
+            summary.results.append(JobResult(job, "done", record, seconds))
+            reporter.finished(i, "done", record, metric, seconds)
+    finally:
+        reporter.end()
+    return summary

@@ -1,0 +1,213 @@
+"""Baselines on tiny random timm models: fp, minmax-ptq, noise-ptq and psaq-vit (V1)."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+import pytest
+import torch
+from timm.models.swin_transformer import SwinTransformer
+from timm.models.vision_transformer import VisionTransformer
+from torch import nn
+
+from methods.base import RunContext, get_method
+from methods.baselines import psaq_v1_policy
+from methods.quant.bits import parse_bits
+from methods.quant.modules import MatMul, QuantConv2d, QuantTap, Tap
+from methods.quant.policy import apply_policy
+from methods.quant.quantizers import FakeQuantizer
+from methods.quant.surgery import AttentionRecorder, prepare
+from methods.quant.target import InputSpec, QuantTarget
+from methods.synth.optimize import Stage
+from methods.synth.pse_generation import generate_pse_images
+
+torch.set_num_threads(1)
+SPEC = InputSpec(image_size=(16, 16), in_chans=1, mean=(0.5,), std=(0.5,))
+
+
+def tiny_vit(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    m = VisionTransformer(
+        img_size=16, patch_size=4, in_chans=1, num_classes=10, embed_dim=32, depth=2, num_heads=2,
+        mlp_ratio=2.0,
+    )
+    return prepare(m.eval())
+
+
+def tiny_swin(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    m = SwinTransformer(
+        img_size=16, patch_size=2, in_chans=1, num_classes=10, embed_dim=16, depths=(2, 2), num_heads=(2, 2),
+        window_size=4, mlp_ratio=2.0,
+    )
+    return prepare(m.eval())
+
+
+def make_target(model: nn.Module, family: str = "vit") -> QuantTarget:
+    return QuantTarget(
+        model=model, model_name=f"tiny-{family}", quant_path="", input_spec=SPEC, family=family,
+        logits=lambda m, x: m(x), num_classes=10,
+    )
+
+
+def make_ctx(tmp_path, seed: int = 0, calib: torch.Tensor | None = None) -> RunContext:
+    return RunContext(
+        device=torch.device("cpu"), seed=seed, profile="ci", cache_dir=tmp_path / "cache",
+        artifacts_dir=tmp_path / "art", calibration=(lambda n: calib[:n]) if calib is not None else None,
+        log=logging.getLogger("test"),
+    )
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm())
+
+
+# ------------------------------------------------------------------------------------------------
+# PSE generation on a real (prepared) model
+
+
+def _generate(model, seed, iters=8, batch=4, family="vit"):
+    return generate_pse_images(
+        model, model, SPEC, batch_size=batch, stages=[Stage(iters, 1, 2), Stage(iters, 2, 2)], lr=0.2,
+        generator=torch.Generator().manual_seed(seed), num_classes=10, tv_scale=0.05,
+    )
+
+
+def test_generation_deterministic_and_reduces_loss():
+    model = tiny_vit()
+    a, b = _generate(model, 3), _generate(model, 3)
+    assert torch.equal(a.images, b.images)
+    assert [h["loss"] for h in a.history] == [h["loss"] for h in b.history]
+    assert not torch.equal(a.images, _generate(model, 4).images)
+    first = sum(h["loss"] for h in a.history[:3]) / 3
+    last = sum(h["loss"] for h in a.history[-3:]) / 3
+    assert last < first
+    lo, hi = SPEC.valid_range()
+    assert a.images.min() >= lo.min() - 1e-6 and a.images.max() <= hi.max() + 1e-6
+    assert all(not p.requires_grad or p.grad is None for p in model.parameters())
+
+
+def test_generation_swin_windows_grouped():
+    res = _generate(tiny_swin(), 0, iters=3, batch=2, family="swin")
+    assert res.images.shape == (2, 1, 16, 16)
+    assert {"pse", "tv", "ce"} <= set(res.history[0])
+
+
+def test_swin_windows_are_image_major():
+    """PSE groups a Swin block's windows per image with reshape(B, -1): check timm's window order."""
+    model = tiny_swin()
+    x = torch.randn(2, 1, 16, 16, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad(), AttentionRecorder(model) as rec:
+        model(x)
+        both = [t.clone() for t in rec.outputs["av"]]
+        model(x[1:])
+        second = rec.outputs["av"]
+    for av2, av1 in zip(both, second, strict=True):
+        assert av2.shape[0] == 2 * av1.shape[0]
+        torch.testing.assert_close(av2[av1.shape[0]:], av1, rtol=1e-5, atol=1e-6)
+
+
+# ------------------------------------------------------------------------------------------------
+# V1 policy placement
+
+
+def test_v1_policy_sites_on_tiny_vit():
+    model = tiny_vit()
+    resolved = apply_policy(model, psaq_v1_policy(), parse_bits("w4a8"))
+    names = set(resolved.layers)
+    expected = {"patch_embed.proj", "head", "tap_pos"}
+    for i in range(2):
+        b = f"blocks.{i}"
+        expected |= {f"{b}.attn.qkv", f"{b}.attn.proj", f"{b}.mlp.fc1", f"{b}.mlp.fc2",
+                     f"{b}.attn.tap_scores", f"{b}.tap_res1", f"{b}.tap_res2"}
+    assert names == expected
+    for i in range(2):
+        attn, mlp = model.blocks[i].attn, model.blocks[i].mlp
+        assert type(attn.tap_probs) is Tap  # softmax output stays FP
+        assert type(attn.matmul1) is MatMul and type(attn.matmul2) is MatMul  # operands quantized upstream
+        assert isinstance(attn.tap_scores, QuantTap) and attn.tap_scores.quant.bits == 8
+        assert isinstance(mlp.fc1.out_quant, nn.Identity)  # GELU input FP
+        assert isinstance(mlp.fc2.out_quant, FakeQuantizer) and mlp.fc2.out_quant.bits == 8
+        assert attn.qkv.out_quant.bits == 8 and attn.qkv.a_quant.bits == 8 and attn.qkv.w_quant.bits == 4
+        w = attn.qkv.w_quant.spec
+        assert w.symmetric and w.per_channel and w.range == "dynamic" and w.v1_scale
+        a = attn.qkv.a_quant.spec
+        assert not a.symmetric and not a.per_channel and a.range == "minmax"
+    assert isinstance(model.patch_embed.proj, QuantConv2d) and model.patch_embed.proj.out_quant.bits == 8
+    assert resolved.layers["head"] == (4, 8)
+
+
+# ------------------------------------------------------------------------------------------------
+# Methods end to end
+
+
+def test_fp_returns_model_unchanged(tmp_path):
+    model = tiny_vit()
+    ctx = make_ctx(tmp_path)
+    out = get_method("fp")().quantize(make_target(model), parse_bits("w4a4"), ctx)
+    assert out is model and ctx.extra["bits"].is_fp
+
+
+def test_minmax_ptq_error_ordering(tmp_path):
+    model = tiny_vit()
+    target = make_target(model)
+    g = torch.Generator().manual_seed(1)
+    calib = torch.randn(32, 1, 16, 16, generator=g)
+    x = torch.randn(16, 1, 16, 16, generator=g)
+    with torch.no_grad():
+        ref = model(x)
+    errs = {}
+    for b in ("w8a8", "w4a4"):
+        ctx = make_ctx(tmp_path, calib=calib)
+        q = get_method("minmax-ptq")().quantize(target, parse_bits(b), ctx)
+        assert q is not model
+        with torch.no_grad():
+            errs[b] = rel_err(q(x), ref)
+        assert ctx.extra["bits"].layers and ctx.extra["policy"]["name"] == "minmax-ptq"
+        assert "calibration" in ctx.timings
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), ref)  # FP model untouched
+    assert errs["w8a8"] < 0.05
+    assert errs["w4a4"] > 2 * errs["w8a8"]
+
+
+def test_noise_ptq_runs(tmp_path):
+    ctx = make_ctx(tmp_path)
+    q = get_method("noise-ptq")().quantize(make_target(tiny_vit()), parse_bits("w8a8"), ctx)
+    with torch.no_grad():
+        assert torch.isfinite(q(torch.randn(2, 1, 16, 16))).all()
+
+
+@pytest.mark.parametrize("family", ["vit", "swin"])
+def test_psaq_vit_ci_end_to_end_and_cache(tmp_path, family):
+    cls = get_method("psaq-vit")
+    cfg = cls.make_config("ci", iterations=4, warmup=1, batch_size=8)
+    model = tiny_vit() if family == "vit" else tiny_swin()
+    target = make_target(model, family)
+    ctx = make_ctx(tmp_path, seed=5)
+    q = cls(cfg).quantize(target, parse_bits("w8a8"), ctx)
+    assert (tmp_path / "art" / "psaq-vit_images.png").exists()
+    assert ctx.extra["policy"]["name"] == "psaq-vit-v1" and ctx.extra["bits"].layers
+    assert ctx.timings["generation"] > 0 and "calibration" in ctx.timings
+    cached = list((tmp_path / "cache").glob("psaq-vit-*.pt"))
+    assert len(cached) == 1
+    ctx2 = make_ctx(tmp_path, seed=5)
+    q2 = cls(cfg).quantize(target, parse_bits("w8a8"), ctx2)
+    assert any("cache" in n for n in ctx2.notes)
+    x = torch.randn(2, 1, 16, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(q(x), q2(x))
+    # uncached regeneration with the same seed gives the same images
+    nocache = dataclasses.replace(cfg, use_cache=False)
+    a = cls(nocache).generate(target, make_ctx(tmp_path, seed=5))
+    torch.testing.assert_close(a, torch.load(cached[0]))
+
+
+def test_psaq_vit_without_logits_notes(tmp_path):
+    cls = get_method("psaq-vit")
+    cfg = cls.make_config("ci", iterations=2, warmup=1, batch_size=4, use_cache=False, save_grid=False)
+    target = dataclasses.replace(make_target(tiny_vit()), logits=None)
+    ctx = make_ctx(tmp_path)
+    cls(cfg).quantize(target, parse_bits("w8a8"), ctx)
+    assert any("no class logits" in n for n in ctx.notes)

@@ -1,0 +1,325 @@
+"""Command line: validation (exit 2, nothing written), run/resume, tables, list, regress."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import bench_fakes
+import pytest
+import torch
+from bench_fakes import CALLS
+
+import bench.cli as cli
+from bench.regress import compare
+from bench.store import ResultStore
+
+ROOT = Path(__file__).resolve().parents[1]
+PLUGIN = f"{ROOT / 'tests' / 'bench_fakes.py'}:install"
+VALID_METHODS = "fp, toy-ptq, toy-dfq"
+
+
+def bench_subprocess(*args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop(cli.PLUGIN_ENV, None)
+    return subprocess.run(
+        [sys.executable, "-m", "bench", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120
+    )
+
+
+@pytest.fixture
+def fakes(monkeypatch):
+    bench_fakes.install(monkeypatch)
+    monkeypatch.delenv(cli.PLUGIN_ENV, raising=False)
+    monkeypatch.setitem(cli.REGRESS_GRID, "tasks", "toy")  # the golden grid, on the fake task
+
+
+# --- validation through the real entry point (subprocess) ---------------------------------------------
+
+
+def test_subprocess_unknown_method_exits_2_and_writes_nothing(tmp_path):
+    res = bench_subprocess(
+        "run",
+        "--plugin",
+        PLUGIN,
+        "--tasks",
+        "toy",
+        "--methods",
+        "toy-ptq,nope",
+        "--results",
+        str(tmp_path / "out"),
+    )
+    assert res.returncode == 2, res.stderr
+    assert res.stderr.strip() == f"error: unknown method 'nope'; valid: {VALID_METHODS}"
+    assert res.stdout == "" and not (tmp_path / "out").exists()
+
+
+def test_subprocess_bad_bits_exits_2_and_writes_nothing(tmp_path):
+    res = bench_subprocess(
+        "run", "--plugin", PLUGIN, "--tasks", "toy", "--bits", "w4a4,w9a9", "--results", str(tmp_path / "out")
+    )
+    assert res.returncode == 2
+    assert res.stderr.startswith(
+        "error: bit spec 'w9a9': bit-width 9 not supported; use one of [2, 3, 4, 5, 6, 8]"
+    )
+    assert not (tmp_path / "out").exists()
+
+
+def test_subprocess_task_error_is_one_line(tmp_path):
+    res = bench_subprocess(
+        "run",
+        "--plugin",
+        PLUGIN,
+        "--tasks",
+        "toy",
+        "--dataset",
+        "full",
+        "--models",
+        "toy-nodata",
+        "--methods",
+        "fp",
+        "--results",
+        str(tmp_path / "out"),
+    )
+    assert res.returncode == 2
+    assert res.stderr.splitlines() == [
+        "error: weights for toy-nodata not found: put toy.pth under $VITQ_DATA"
+    ]
+    assert "Traceback" not in res.stdout + res.stderr
+    assert not list((tmp_path / "out").glob("runs/*.json"))
+
+
+# --- validation in-process ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--tasks", "det"], "error: unknown task 'det'; valid: toy"),
+        (
+            ["--tasks", "toy", "--models", "toy-a,vit-huge"],
+            "error: unknown model 'vit-huge'; valid: toy-a, toy-b",
+        ),
+        (["--tasks", "toy", "--profile", "turbo"], "error: unknown profile 'turbo'; valid: ci, fast, paper"),
+        (["--tasks", "toy", "--dataset", "imagenet"], "error: unknown dataset 'imagenet'; valid: mini, full"),
+        (
+            ["--tasks", "toy", "--bits", "mp4"],
+            "error: bit spec 'mp4': mixed precision (mpN) is not available yet",
+        ),
+        (["--tasks", "toy", "--bits", "w4"], "error: unknown bit spec 'w4'; valid: fp, w4a4"),
+        (["--tasks", "toy", "--seeds", "0,x"], "error: invalid --seeds '0,x'"),
+        (["--tasks", "toy", "--seeds", "1,1"], "error: invalid --seeds '1,1'"),
+        (["--tasks", "toy", "--device", "tpu"], "error: unknown device 'tpu'; valid: cpu, cuda, cuda:N"),
+        (
+            ["--tasks", "toy", "--weights", "/no/such.pth", "--models", "toy-a"],
+            "error: --weights /no/such.pth",
+        ),
+    ],
+)
+def test_validation_errors(tmp_path, fakes, capsys, args, message):
+    out = tmp_path / "out"
+    assert cli.main(["run", *args, "--results", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(message), err
+    assert len(err.strip().splitlines()) == 1
+    assert not out.exists() and sum(CALLS.values()) == 0
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-CUDA message")
+def test_cuda_without_cuda(tmp_path, fakes, capsys):
+    assert cli.main(["run", "--tasks", "toy", "--device", "cuda", "--results", str(tmp_path / "o")]) == 2
+    assert "CUDA is not available" in capsys.readouterr().err and not (tmp_path / "o").exists()
+
+
+def test_weights_need_exactly_one_model(tmp_path, fakes, capsys):
+    w = tmp_path / "toy.pth"
+    w.write_bytes(b"weights")
+    assert cli.main(["run", "--tasks", "toy", "--weights", str(w), "--results", str(tmp_path / "o")]) == 2
+    assert "select exactly one with --models (got 2)" in capsys.readouterr().err
+    assert (
+        cli.main(
+            [
+                "run",
+                "--tasks",
+                "toy",
+                "--weights",
+                str(w),
+                "--models",
+                "toy-a",
+                "--methods",
+                "fp",
+                "--results",
+                str(tmp_path / "o"),
+            ]
+        )
+        == 0
+    )
+    (rec,) = ResultStore(tmp_path / "o").records()
+    assert rec["weights"].startswith("toy.pth@sha256:") and rec["target"]["info"]["weights"] == str(w)
+
+
+# --- run / resume / tables / list -------------------------------------------------------------------------
+
+
+def test_run_then_resume_then_tables(tmp_path, fakes, capsys):
+    out = tmp_path / "res"
+    assert cli.main(["run", "--tasks", "toy", "--bits", "w4a4", "--results", str(out)]) == 0
+    stdout = capsys.readouterr().out
+    # --methods all = fp + toy-ptq + toy-dfq; 2 models; fp once per model.
+    assert "6 jobs: 6 run, 0 cached, 0 failed" in stdout
+    assert "### toy · mini · top1 (profile ci)" in stdout and "not paper numbers" in stdout
+    assert sorted(p.name for p in (out / "tables").iterdir()) == [
+        "toy_mini.csv",
+        "toy_mini.md",
+        "toy_mini.tex",
+    ]
+    CALLS.clear()
+    assert cli.main(["run", "--tasks", "toy", "--bits", "w4a4", "--results", str(out)]) == 0
+    assert "6 jobs: 0 run, 6 cached, 0 failed" in capsys.readouterr().out and sum(CALLS.values()) == 0
+
+    assert cli.main(["tables", "--results", str(out), "--format", "md"]) == 0
+    assert "| toy-ptq" in capsys.readouterr().out
+    assert cli.main(["tables", "--results", str(out), "--format", "html"]) == 2
+    assert "unknown format 'html'; valid: md, csv, tex" in capsys.readouterr().err
+    assert cli.main(["tables", "--results", str(tmp_path / "empty")]) == 1
+
+
+def test_failed_job_gives_exit_1(tmp_path, monkeypatch, capsys):
+    monkeypatch.delenv(cli.PLUGIN_ENV, raising=False)
+    bench_fakes.install(monkeypatch)
+    bench_fakes.mb.register_method("toy-broken")(type("ToyBroken", (bench_fakes.ToyPTQ,), {}))
+    code = cli.main(
+        [
+            "run",
+            "--tasks",
+            "toy",
+            "--models",
+            "toy-a",
+            "--methods",
+            "toy-broken,toy-dfq",
+            "--bits",
+            "w8a8",
+            "--results",
+            str(tmp_path),
+        ]
+    )
+    captured = capsys.readouterr()
+    assert code == 1 and "3 jobs: 2 run, 0 cached, 1 failed" in captured.out
+    assert "failed: toy/toy-a/toy-broken/w8a8/0: RuntimeError: boom inside the method" in captured.err
+
+
+def test_list(fakes, capsys):
+    assert cli.main(["list"]) == 0
+    out = capsys.readouterr().out
+    for text in (
+        "toy-ptq",
+        "toy-dfq",
+        "paper, ci",
+        "paper: min-max",
+        "reconstructed: seeded noise",
+        "toy-a, toy-b",
+        "toy-a, toy-nodata",
+        "w4a4",
+        "top1",
+    ):
+        assert text in out, text
+
+
+# --- regress ---------------------------------------------------------------------------------------------
+
+
+def _regress(tmp_path, *extra):
+    return cli.main(
+        [
+            "regress",
+            "--golden",
+            str(tmp_path / "golden.json"),
+            "--results",
+            str(tmp_path / "r"),
+            "--bits",
+            "w4a4",
+            *extra,
+        ]
+    )
+
+
+def _full_regress(tmp_path, *extra):
+    return cli.main(
+        ["regress", "--golden", str(tmp_path / "golden.json"), "--results", str(tmp_path / "r"), *extra]
+    )
+
+
+def _edit_golden(tmp_path, fn):
+    path = tmp_path / "golden.json"
+    data = json.loads(path.read_text())
+    fn(data)
+    path.write_text(json.dumps(data))
+
+
+def test_regress_update_then_pass_then_detect(tmp_path, fakes, capsys):
+    assert _full_regress(tmp_path) == 2  # no golden file yet
+    assert "create it with" in capsys.readouterr().err
+    assert _full_regress(tmp_path, "--update") == 0
+    golden = json.loads((tmp_path / "golden.json").read_text())
+    assert golden["tolerance"] == {"top1": 0.5, "top5": 0.5}
+    assert golden["dataset"] == "mini" and golden["profile"] == "ci" and golden["schema"] == 1
+    # 2 models x (fp + 2 methods x 4 default bits) = 18 jobs with readable ids.
+    assert len(golden["results"]) == 18 and "toy/toy-a/toy-ptq/w4a4/0" in golden["results"]
+    capsys.readouterr()
+
+    assert _full_regress(tmp_path) == 0
+    assert "no metric moved" in capsys.readouterr().out
+
+    job = "toy/toy-b/toy-dfq/w6a6/0"
+    value = golden["results"][job]["top1"]
+    _edit_golden(tmp_path, lambda d: d["results"][job].update(top1=value + 0.3))  # within 0.5
+    assert _full_regress(tmp_path) == 0
+    out = capsys.readouterr().out
+    assert job in out and "within" in out and "PASS" in out
+
+    _edit_golden(tmp_path, lambda d: d["tolerance"].update(top1=0.1))  # same move, tighter tolerance
+    assert _full_regress(tmp_path) == 1
+    out = capsys.readouterr().out
+    assert "regressed" in out and "FAIL" in out
+
+    _edit_golden(tmp_path, lambda d: d["tolerance"].update(top1=0.5))
+    _edit_golden(tmp_path, lambda d: d["results"][job].update(top1=value - 2.0))
+    assert _full_regress(tmp_path) == 1
+    assert "improved" in capsys.readouterr().out  # better than golden beyond tolerance: stale golden, fail
+
+
+def test_regress_missing_and_extra_jobs(tmp_path, fakes, capsys):
+    assert _full_regress(tmp_path, "--update") == 0
+    _edit_golden(tmp_path, lambda d: d["results"].pop("toy/toy-a/toy-ptq/w8a8/0"))
+    assert _full_regress(tmp_path) == 1
+    assert "extra-job" in capsys.readouterr().out
+    assert _full_regress(tmp_path, "--update") == 0
+    _edit_golden(tmp_path, lambda d: d["results"].update({"toy/toy-a/gone/w4a4/0": {"top1": 1.0}}))
+    assert _full_regress(tmp_path) == 1
+    assert "missing-job" in capsys.readouterr().out
+    # A filtered run checks only the golden jobs inside its selection.
+    assert _regress(tmp_path, "--methods", "toy-ptq") == 0
+
+
+def test_regress_in_temp_dir(tmp_path, fakes, capsys):
+    assert _full_regress(tmp_path, "--update") == 0
+    code = cli.main(["regress", "--golden", str(tmp_path / "golden.json")])  # fresh temp results dir
+    assert code == 0 and "PASS: 36 metric checks: 36 ok" in capsys.readouterr().out
+
+
+def test_compare_unit():
+    golden = {"tolerance": {"top1": 0.5}, "results": {"a": {"top1": 80.0, "top5": 95.0}, "b": {"top1": 1.0}}}
+    ok = compare(golden, {"a": {"top1": 80.4, "top5": 95.0}, "b": {"top1": 1.0}})
+    assert not ok.failed and [r.status for r in ok.moved] == ["within"]
+    bad = compare(golden, {"a": {"top1": 79.4, "top5": 94.9}, "c": {"top1": 2.0}})
+    statuses = {(r.job_id, r.metric): r.status for r in bad.rows}
+    assert statuses == {
+        ("a", "top1"): "regressed",
+        ("a", "top5"): "regressed",
+        ("b", "top1"): "missing-job",
+        ("c", "top1"): "extra-job",
+    }  # top5 has no tolerance entry: 0
+    assert compare(golden, {"a": {"top1": 80.0, "top5": 95.0}}, scope=["a"]).failed is False
