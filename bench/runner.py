@@ -29,6 +29,7 @@ from bench.progress import Reporter, make_reporter
 from bench.store import SCHEMA_VERSION, ResultStore, jsonable
 from methods.base import RunContext, get_method
 from methods.quant.bits import BitSpec, parse_bits
+from methods.quant.policy import model_size_bits
 from tasks.base import Task, TaskError
 
 log = logging.getLogger("vitq.runner")
@@ -93,11 +94,8 @@ class _PeakMemory:
         return rss / 2**20 if sys.platform == "darwin" else rss / 1024  # bytes on macOS, KiB on Linux
 
 
-def _model_size_bits(model: nn.Module, quant_path: str, bits: BitSpec) -> int | None:
-    try:
-        from methods.quant.policy import model_size_bits
-    except ImportError:  # the policy module is optional until the quant core lands
-        return None
+def _model_size_bits(model: nn.Module, quant_path: str, bits: BitSpec) -> int:
+    """Size of the quantized part (per-layer bits are keyed relative to it)."""
     module = model.get_submodule(quant_path) if quant_path else model
     return int(model_size_bits(module, bits))
 
@@ -167,16 +165,14 @@ def run_job(
 
     notes: list[str] = []
     bits = parse_bits(job.bits)
-    resolved = ctx.extra.get("bits")
-    if not isinstance(resolved, BitSpec):
+    resolved = ctx.resolved_bits
+    if resolved is None:
         resolved = bits
         if not bits.is_fp:
             notes.append(
-                "method did not report resolved per-layer bits (ctx.extra['bits']); size uses the spec"
+                "method did not report resolved per-layer bits (ctx.record_quantization); size uses the spec"
             )
     size = _model_size_bits(m["qmodel"], target.quant_path, resolved)
-    if size is None:
-        notes.append("model size unavailable (methods.quant.policy.model_size_bits not importable)")
     if job.is_fp:
         fp_metrics = metrics
     elif fp_metrics is None:
@@ -185,7 +181,7 @@ def run_job(
     timings = {p: float(ctx.timings.get(p, 0.0)) for p in PHASES}
     timings.update({k: float(v) for k, v in ctx.timings.items() if k not in timings})
     timings.update({k: m[k] for k in ("load", "quantize", "evaluation")}, total=time.perf_counter() - t_start)
-    extra = {k: v for k, v in ctx.extra.items() if k not in ("bits", "policy")}
+    extra = dict(ctx.extra)
     bit_record = resolved.to_record()
     record = {
         "schema": SCHEMA_VERSION,
@@ -201,7 +197,7 @@ def run_job(
         "model_size_bits": size,
         "bit_spec": {k: v for k, v in bit_record.items() if k != "layers"},
         "layer_bits": bit_record["layers"],
-        "policy": ctx.extra.get("policy"),
+        "policy": ctx.policy,
         "target": {
             "model_name": target.model_name,
             "quant_path": target.quant_path,

@@ -50,6 +50,14 @@ class RunContext:
     timings: dict[str, float] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     extra: dict[str, Any] = field(default_factory=dict)  # method-specific record fields
+    # Set by the method (via record_quantization): what actually ran, for the result record.
+    resolved_bits: BitSpec | None = None
+    policy: dict[str, Any] | None = None
+
+    def record_quantization(self, bits: BitSpec, policy: dict[str, Any] | None = None) -> None:
+        """Report the per-layer bits (resolved BitSpec) and the policy (as data) the method applied."""
+        self.resolved_bits = bits
+        self.policy = policy
 
     def generator(self, offset: int = 0) -> torch.Generator:
         """A CPU generator seeded from the job seed (offset separates independent streams)."""
@@ -123,7 +131,8 @@ def register_method(name: str) -> Callable[[type], type]:
     def deco(cls: type) -> type:
         if name in _METHODS and _METHODS[name] is not cls:
             raise ValueError(f"method {name!r} is registered twice ({_METHODS[name]} and {cls})")
-        bad = {k: v for k, v in getattr(cls, "provenance", {}).items() if v.split(":")[0] not in PROVENANCE_LEVELS}
+        provenance = getattr(cls, "provenance", {})
+        bad = {k: v for k, v in provenance.items() if v.split(":")[0] not in PROVENANCE_LEVELS}
         if bad:
             raise ValueError(f"method {name!r}: provenance levels must be one of {PROVENANCE_LEVELS}: {bad}")
         cls.name = name

@@ -93,13 +93,12 @@ def quantize_copy(
     """Deep-copy the FP model, apply ``policy`` to the quant module, calibrate on ``batches``.
 
     Calibration runs the whole copied model on the images (the quant module may be a
-    backbone inside it). Records the resolved bits and the policy in ``ctx.extra``.
+    backbone inside it). Reports the resolved bits and the policy to ``ctx``.
     """
     model = copy.deepcopy(target.model).eval()
     qmod = model.get_submodule(target.quant_path) if target.quant_path else model
     resolved = apply_policy(qmod, policy, bits)
-    ctx.extra["bits"] = resolved
-    ctx.extra["policy"] = policy.to_dict()
+    ctx.record_quantization(resolved, policy.to_dict())
     dev = _device(model)
     with ctx.timer("calibration"):
         calibrate(qmod, [b.to(dev) for b in batches], forward=lambda _m, x: model(x))
@@ -126,7 +125,7 @@ class FullPrecision(QuantMethod):
     provenance = {"model": "choice: the task's FP model returned unchanged (reference)"}
 
     def quantize(self, target: QuantTarget, bits: BitSpec, ctx: RunContext) -> nn.Module:
-        ctx.extra["bits"] = BitSpec("fp", None, None)
+        ctx.record_quantization(BitSpec("fp", None, None))
         return target.model
 
 

@@ -106,7 +106,7 @@ class FakeFP(QuantMethod):
 
     def quantize(self, target: QuantTarget, bits: BitSpec, ctx: RunContext) -> nn.Module:
         CALLS["quantize:fp"] += 1
-        ctx.extra["bits"] = bits
+        ctx.record_quantization(bits)
         return target.model
 
 
@@ -132,8 +132,8 @@ class ToyPTQ(QuantMethod):
         with ctx.timer("calibration"):
             images = ctx.calibration(self.config.calib_size)
         CALLS[f"calib_n:{images.shape[0]}"] += 1
-        ctx.extra["bits"] = bits.resolve(["fc"])
-        ctx.extra["policy"] = {"name": "toy", "rules": [{"kind": "linear", "names": ["fc"]}]}
+        policy = {"name": "toy", "rules": [{"kind": "linear", "names": ["fc"]}]}
+        ctx.record_quantization(bits.resolve(["fc"]), policy)
         ctx.note("toy ptq ran")
         return _fake_quant(target.model, bits.w_bits or 8)
 
@@ -155,8 +155,7 @@ class ToyDFQ(QuantMethod):
         CALLS[f"dfq_calibration_is_none:{ctx.calibration is None}"] += 1
         with ctx.timer("generation"):
             noise = self.config.noise * torch.randn(4, 8, generator=ctx.generator())
-        ctx.extra["bits"] = bits.resolve(["fc"])
-        ctx.extra["policy"] = {"name": "toy-dfq"}
+        ctx.record_quantization(bits.resolve(["fc"]), {"name": "toy-dfq"})
         ctx.extra["synthetic_images"] = 0
         return _fake_quant(target.model, bits.w_bits or 8, noise)
 

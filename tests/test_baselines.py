@@ -146,7 +146,7 @@ def test_fp_returns_model_unchanged(tmp_path):
     model = tiny_vit()
     ctx = make_ctx(tmp_path)
     out = get_method("fp")().quantize(make_target(model), parse_bits("w4a4"), ctx)
-    assert out is model and ctx.extra["bits"].is_fp
+    assert out is model and ctx.resolved_bits.is_fp
 
 
 def test_minmax_ptq_error_ordering(tmp_path):
@@ -164,7 +164,7 @@ def test_minmax_ptq_error_ordering(tmp_path):
         assert q is not model
         with torch.no_grad():
             errs[b] = rel_err(q(x), ref)
-        assert ctx.extra["bits"].layers and ctx.extra["policy"]["name"] == "minmax-ptq"
+        assert ctx.resolved_bits.layers and ctx.policy["name"] == "minmax-ptq"
         assert "calibration" in ctx.timings
     with torch.no_grad():
         torch.testing.assert_close(model(x), ref)  # FP model untouched
@@ -188,7 +188,7 @@ def test_psaq_vit_ci_end_to_end_and_cache(tmp_path, family):
     ctx = make_ctx(tmp_path, seed=5)
     q = cls(cfg).quantize(target, parse_bits("w8a8"), ctx)
     assert (tmp_path / "art" / "psaq-vit_images.png").exists()
-    assert ctx.extra["policy"]["name"] == "psaq-vit-v1" and ctx.extra["bits"].layers
+    assert ctx.policy["name"] == "psaq-vit-v1" and ctx.resolved_bits.layers
     assert ctx.timings["generation"] > 0 and "calibration" in ctx.timings
     cached = list((tmp_path / "cache").glob("psaq-vit-*.pt"))
     assert len(cached) == 1

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import io
-import sys
-import types
 
 import bench_fakes
 import pytest
@@ -25,16 +23,14 @@ BITS = [parse_bits("w4a4"), parse_bits("w8a8")]
 @pytest.fixture
 def fakes(monkeypatch):
     bench_fakes.install(monkeypatch)
-    # Stand-in for methods.quant.policy.model_size_bits: records what the runner passes.
+    # Stand-in for model_size_bits (tested in test_policy.py): records what the runner passes.
     seen = []
 
     def model_size_bits(module, bits):
         seen.append((module, bits))
         return 1000 + len(bits.layers)
 
-    monkeypatch.setitem(
-        sys.modules, "methods.quant.policy", types.SimpleNamespace(model_size_bits=model_size_bits)
-    )
+    monkeypatch.setattr("bench.runner.model_size_bits", model_size_bits)
     return seen
 
 
