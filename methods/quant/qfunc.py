@@ -52,20 +52,23 @@ class OutputPool:
     reuse; on a DeiT-S forward this alone made fake quantization cost more than the four arithmetic
     passes. A buffer is handed out again only when nothing but the pool references its storage (the
     consumer's tensors and all their views are gone), so a retained output is never overwritten.
-    CUDA tensors are not pooled (the caching allocator already does this). ``enabled = False`` turns
-    it off.
+    CUDA tensors are not pooled (the caching allocator already does this). At most ``max_buffers``
+    buffers and ``max_bytes`` in total are retained (larger tensors are not pooled: with big eval
+    batches the arithmetic dwarfs the page faults anyway). ``enabled = False`` turns it off.
     """
 
-    def __init__(self, max_buffers: int = 6) -> None:
+    def __init__(self, max_buffers: int = 4, max_bytes: int = 256 * 2**20) -> None:
         self.enabled = True
         self.max_buffers = max_buffers
+        self.max_bytes = max_bytes
         self._bufs: list[torch.Tensor] = []
         self._lock = threading.Lock()
 
     def empty_like(self, x: torch.Tensor) -> torch.Tensor:
         """An uninitialised contiguous tensor with x's shape and dtype."""
         n = x.numel()
-        if not self.enabled or x.device.type != "cpu" or n < 65536:  # small: malloc is fine
+        nbytes = n * x.element_size()
+        if not self.enabled or x.device.type != "cpu" or n < 65536 or 2 * nbytes > self.max_bytes:
             return torch.empty(x.shape, dtype=x.dtype, device=x.device)
         with self._lock:
             for i, b in enumerate(self._bufs):
@@ -77,9 +80,13 @@ class OutputPool:
             if _storage_use_count(b) is None:
                 self.enabled = False
             self._bufs.append(b)
-            if len(self._bufs) > self.max_buffers:
-                self._bufs.pop(0)  # forget the least recently used (live views keep their memory)
+            # forget the least recently used (views still in use keep their memory alive)
+            while len(self._bufs) > self.max_buffers or self.pooled_bytes() > self.max_bytes:
+                self._bufs.pop(0)
             return b[:n].view(x.shape)
+
+    def pooled_bytes(self) -> int:
+        return sum(b.numel() * b.element_size() for b in self._bufs)
 
     def clear(self) -> None:
         with self._lock:

@@ -19,262 +19,34 @@ Numeric conventions (scale, zero-point, rounding, clip range, STE) are in :mod:`
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
 
 import torch
 from torch import nn
 
+from methods.quant.qbase import (  # noqa: F401 - re-exported: the public home of the quantizer API
+    KINDS,
+    LSQ_INITS,
+    MODES,
+    RANGES,
+    FakeQuantizer,
+    QuantizerSpec,
+)
 from methods.quant.qfunc import (
     EPS,
     affine_consts,
     bshape,
-    channels_first,
     fake_quant,
     fake_quant_affine,
     int_range,
     log2_fake_quant,
     minmax,
     percentile_range,
-    subsample,
-    uniform_params,
 )
 
-KINDS = ("uniform", "log2", "log_sqrt2")
-RANGES = ("minmax", "percentile", "mse", "lsq", "dynamic")
-MODES = ("off", "calibrate", "quant")
-LSQ_INITS = ("minmax", "lsq")
-
-
-@dataclass(frozen=True)
-class QuantizerSpec:
-    """How to quantize one tensor (pure data; stored in result records through the policy).
-
-    ``ch_axis`` is the channel axis when ``per_channel`` (0 = output channel of a weight, -1 = last
-    axis of an activation). ``mse_grid``/``mse_min_ratio``: the MSE search tries clip ratios
-    ``r = 1, ..., mse_min_ratio`` (``mse_grid`` evenly spaced values) applied to the min/max range.
-    ``lsq_init``: ``"minmax"`` (step and zero-point from the min-max range) or ``"lsq"`` (the LSQ
-    paper's ``step = 2·mean|x|/sqrt(qmax)``, zero-point 0). ``calib_samples``: at most this many values
-    are kept per quantizer for percentile / MSE calibration (a uniform random sample).
-    ``include_zero`` (addition): widen asymmetric ranges to contain 0 first (see qfunc).
-    """
-
-    kind: str = "uniform"
-    symmetric: bool = False
-    per_channel: bool = False
-    ch_axis: int = 0
-    range: str = "minmax"
-    percentile: float = 99.99
-    v1_scale: bool = False
-    mse_grid: int = 100
-    mse_min_ratio: float = 0.01
-    lsq_init: str = "minmax"
-    calib_samples: int = 262144
-    include_zero: bool = True
-
-    def __post_init__(self) -> None:
-        if self.kind not in KINDS:
-            raise ValueError(f"QuantizerSpec.kind {self.kind!r} not in {KINDS}")
-        if self.range not in RANGES:
-            raise ValueError(f"QuantizerSpec.range {self.range!r} not in {RANGES}")
-        if self.kind != "uniform" and (self.symmetric or self.range == "lsq" or self.v1_scale):
-            raise ValueError("log2 quantizers are unsigned: no symmetric, v1_scale or lsq range")
-        if self.v1_scale and not self.symmetric:
-            raise ValueError("v1_scale applies to symmetric quantizers only")
-        if not 0.0 < self.percentile <= 100.0:
-            raise ValueError(f"percentile must be in (0, 100], got {self.percentile}")
-        if self.lsq_init not in LSQ_INITS:
-            raise ValueError(f"lsq_init {self.lsq_init!r} not in {LSQ_INITS}")
-        if self.mse_grid < 1 or not 0.0 < self.mse_min_ratio <= 1.0:
-            raise ValueError("mse_grid must be >= 1 and mse_min_ratio in (0, 1]")
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> QuantizerSpec:
-        known = {f.name for f in fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise ValueError(f"unknown QuantizerSpec fields {sorted(unknown)}; known: {sorted(known)}")
-        return cls(**d)
-
-
-class FakeQuantizer(nn.Module):
-    """Base class: modes, calibration statistics, bit changes. Subclasses implement
-    ``quantize(x)``, ``_compute_params()``, ``initialized`` and ``_range_from_params()``."""
-
-    def __init__(self, spec: QuantizerSpec, bits: int | None) -> None:
-        super().__init__()
-        if bits is not None and bits < 2:
-            raise ValueError(f"bits must be >= 2 or None, got {bits}")
-        self.spec = spec
-        self.bits = bits
-        self.mode = "quant"
-        self.is_weight = False
-        self._reset_stats()
-
-    # ---- state ---------------------------------------------------------------------------------
-    @property
-    def axis(self) -> int | None:
-        return self.spec.ch_axis if self.spec.per_channel else None
-
-    @property
-    def initialized(self) -> bool:
-        raise NotImplementedError
-
-    def _reset_stats(self) -> None:
-        self._lo: torch.Tensor | None = None
-        self._hi: torch.Tensor | None = None
-        self._samples: list[torch.Tensor] = []
-        self._abs_sum: torch.Tensor | None = None
-        self._count = 0
-        self._last: torch.Tensor | None = None  # weights: the latest tensor seen
-
-    @property
-    def has_stats(self) -> bool:
-        return self._last is not None or self._lo is not None
-
-    def state_key(self) -> tuple:
-        """Changes whenever the output for a fixed input may change (used by frozen weight caches)."""
-        tensors = list(self._buffers.values()) + list(self._parameters.values())
-        return (self.mode, self.bits, tuple((t.data_ptr(), t._version) for t in tensors if t is not None))
-
-    # ---- public API ----------------------------------------------------------------------------
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.bits is None or self.mode == "off":
-            return x
-        if self.mode == "calibrate":
-            self.observe(x.detach())
-            return x
-        return self.quantize(x)
-
-    def start_calibration(self) -> None:
-        self._reset_stats()
-        self.mode = "calibrate"
-
-    def finish_calibration(self) -> None:
-        if self.bits is not None and self.has_stats and self.spec.range != "dynamic":
-            self._compute_params()
-        self.mode = "quant"
-
-    def set_bits(self, bits: int | None) -> None:
-        """Change the bit-width; static parameters are recomputed from the kept statistics, or else
-        re-derived from the current clip range."""
-        if bits is not None and bits < 2:
-            raise ValueError(f"bits must be >= 2 or None, got {bits}")
-        old = self.bits
-        rng = self._range_from_params() if (old is not None and self.initialized) else None
-        self.bits = bits
-        if bits is None or self.spec.range == "dynamic":
-            return
-        if self.has_stats:
-            self._compute_params()
-        elif rng is not None:
-            self._params_from_range(*rng)
-
-    def set_mode(self, mode: str) -> None:
-        if mode not in MODES:
-            raise ValueError(f"mode {mode!r} not in {MODES}")
-        if mode == "calibrate":
-            self.start_calibration()
-        elif mode == "quant" and self.mode == "calibrate":
-            self.finish_calibration()
-        else:
-            self.mode = mode
-
-    def enable(self) -> None:
-        self.set_mode("quant")
-
-    def disable(self) -> None:
-        self.mode = "off"
-
-    def extra_repr(self) -> str:
-        s = self.spec
-        parts = [s.kind, f"bits={self.bits}"]
-        if s.kind == "uniform":
-            parts.append("sym" + ("(v1)" if s.v1_scale else "") if s.symmetric else "asym")
-        parts.append(f"per-channel(axis={s.ch_axis})" if s.per_channel else "per-tensor")
-        parts += [f"range={s.range}", f"mode={self.mode}"]
-        return ", ".join(parts)
-
-    # ---- statistics ----------------------------------------------------------------------------
-    def observe(self, x: torch.Tensor) -> None:
-        """Accumulate calibration statistics of x (already detached)."""
-        if self.spec.range == "dynamic":
-            return
-        if self.is_weight:
-            self._last = x
-            return
-        lo, hi = minmax(x, self.axis)
-        self._lo = lo if self._lo is None else torch.minimum(self._lo, lo)
-        self._hi = hi if self._hi is None else torch.maximum(self._hi, hi)
-        if self.spec.range in ("percentile", "mse"):
-            gen = torch.Generator().manual_seed(len(self._samples))  # deterministic, nothing to copy
-            self._samples.append(subsample(x, self.axis, self.spec.calib_samples, gen))
-            if sum(t.numel() for t in self._samples) > 4 * self.spec.calib_samples:
-                self._samples = [self._merged_samples()]
-        if self.spec.range == "lsq":
-            a = x.abs().sum().reshape(1) if self.axis is None else channels_first(x, self.axis).abs().sum(1)
-            self._abs_sum = a if self._abs_sum is None else self._abs_sum + a
-            self._count += x.numel() // (1 if self.axis is None else x.shape[self.axis])
-
-    def _merged_samples(self) -> torch.Tensor:
-        dim = 0 if self.axis is None else 1
-        s = torch.cat(self._samples, dim=dim)
-        gen = torch.Generator().manual_seed(12345)
-        return subsample(s, None if self.axis is None else 0, self.spec.calib_samples, gen)
-
-    def _data(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-        """(lo, hi, samples, mean_abs) for parameter computation. Samples are flat or (C, M)."""
-        if self._last is not None:
-            w = self._last
-            lo, hi = minmax(w, self.axis)
-            samples = w.reshape(-1) if self.axis is None else channels_first(w, self.axis)
-            a = samples.abs()
-            mean_abs = a.mean().reshape(1) if self.axis is None else a.mean(dim=1)
-            return lo, hi, samples, mean_abs
-        samples = None
-        if self._samples:
-            if len(self._samples) > 1 or self._samples[0].numel() > self.spec.calib_samples:
-                self._samples = [self._merged_samples()]
-            samples = self._samples[0]
-        mean_abs = self._abs_sum / max(self._count, 1) if self._abs_sum is not None else None
-        return self._lo, self._hi, samples, mean_abs
-
-    def _init_from(self, x: torch.Tensor) -> None:
-        """Lazy init in "quant" mode without calibration: treat x as the calibration data."""
-        self._reset_stats()
-        self.observe(x)
-        self._compute_params()
-
-    # ---- subclass hooks ------------------------------------------------------------------------
-    def quantize(self, x: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
-
-    def _compute_params(self) -> None:
-        raise NotImplementedError
-
-    def _range_from_params(self) -> tuple[torch.Tensor, torch.Tensor] | None:
-        return None
-
-    def _params_from_range(self, lo: torch.Tensor, hi: torch.Tensor) -> None:
-        raise NotImplementedError
-
-    def _uniform_params(self, lo: torch.Tensor, hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        s = self.spec
-        return uniform_params(lo, hi, self.bits, s.symmetric, s.v1_scale, s.include_zero)
-
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        # Parameters are created lazily (shape known after calibration): adopt the stored shapes.
-        for name, t in list(self._buffers.items()) + list(self._parameters.items()):
-            key = prefix + name
-            if t is not None and key in state_dict and state_dict[key].shape != t.shape:
-                new = torch.empty(state_dict[key].shape, dtype=t.dtype, device=t.device)
-                if name in self._parameters:
-                    t.data = new
-                else:
-                    self._buffers[name] = new
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+__all__ = [
+    "KINDS", "LSQ_INITS", "MODES", "RANGES", "FakeQuantizer", "LSQQuantizer", "Log2Quantizer",
+    "QuantizerSpec", "UniformQuantizer", "make_quantizer",
+]
 
 
 class UniformQuantizer(FakeQuantizer):
@@ -307,7 +79,7 @@ class UniformQuantizer(FakeQuantizer):
         if self.axis is not None:
             return fake_quant(x, self.scale, self.zero_point, qmin, qmax, self.axis)
         # per tensor: cache the Python-float constants (saves a tensor->float sync per call)
-        key = (self.bits, self.scale.data_ptr(), self.scale._version, self.zero_point._version)
+        key = self.state_key()
         if self._consts_key != key:
             self._consts = affine_consts(x, self.scale, self.zero_point, qmin, qmax, None)
             self._consts_key = key
@@ -482,6 +254,7 @@ class LSQQuantizer(FakeQuantizer):
         # Replace .data so optimisers holding these Parameters keep working.
         self.scale.data = s.to(self.scale.device)
         self.zero_point.data = z.to(self.zero_point.device)
+        self.touch()
 
     def _range_from_params(self):
         qmin, qmax = self.qrange
