@@ -112,7 +112,8 @@ def test_vit_attention_internals_and_recorder():
     assert rec.outputs["av"] == [None] * 12
 
 
-def test_swin_scores_include_bias_and_shift_mask():
+def test_swin_scores_include_bias_but_not_shift_mask():
+    # PSAQ-ViT quantizes score + relative-position bias; the -100 shift mask is added afterwards.
     model = prepare(_model("swin_tiny_patch4_window7_224", SMALL_SWIN))
     blocks = [m for m in model.modules() if isinstance(m, PreparedSwinBlock)]
     shifted = [b for b in blocks if any(b.shift_size)]
@@ -127,15 +128,8 @@ def test_swin_scores_include_bias_and_shift_mask():
         attn = b.attn
         assert isinstance(attn, PreparedWindowAttention)
         expected = rec.outputs["qk"][i] + attn._get_rel_pos_bias()  # q pre-scaled inside matmul1
-        if b.attn_mask is not None:
-            nw = b.attn_mask.shape[0]
-            heads, n = attn.num_heads, attn.window_area
-            expected = (expected.view(-1, nw, heads, n, n) + b.attn_mask.unsqueeze(1).unsqueeze(0)).view(
-                -1, heads, n, n
-            )
         assert torch.allclose(seen[i], expected)
-    # stage-1 shifted block: windows of 16 tokens, some pairs masked with -100
-    assert (seen[1] < -50).any() and not (seen[0] < -50).any()
+    assert not any((s < -50).any() for s in seen.values())
 
 
 def test_residual_taps_are_the_block_sums():

@@ -6,7 +6,8 @@
 
 * ``attn.matmul1``  MatMul "qk": ViT: raw ``q @ kᵀ`` (scale applied after); Swin: ``(q·scale) @ kᵀ``
   (timm's order).
-* ``attn.tap_scores`` pre-softmax logits (after scale, relative-position bias and the shift mask);
+* ``attn.tap_scores`` pre-softmax logits after scale and relative-position bias, *before* any
+  attention / shift mask (as PSAQ-ViT quantizes them: a −100 mask value would otherwise set the range);
   ``attn.tap_probs`` the softmax output.
 * ``attn.matmul2``  MatMul "av": ``attn @ v`` with output (B', H, N, d).
 * ``block.tap_res1`` / ``block.tap_res2`` on the two residual sums; ``model.tap_pos`` after the
@@ -48,8 +49,8 @@ class PreparedAttention(Attention):
         # scale in place when nothing else holds the raw product (e.g. a recorder): saves a large
         # allocation per block; the result is the same either way
         attn = attn.mul_(self.scale) if sole_owner(attn) else attn * self.scale
-        attn = maybe_add_mask(attn, resolve_self_attn_mask(N, attn, attn_mask, is_causal))
         attn = self.tap_scores(attn)
+        attn = maybe_add_mask(attn, resolve_self_attn_mask(N, attn, attn_mask, is_causal))
         attn = self.tap_probs(attn.softmax(dim=-1))
         x = self.matmul2(self.attn_drop(attn), v)
         x = x.transpose(1, 2).reshape(B, N, self.attn_dim)
@@ -94,12 +95,11 @@ class PreparedWindowAttention(WindowAttention):
         qkv = self.qkv(x).reshape(B_, N, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)
         attn = self.matmul1(q * self.scale, k.transpose(-2, -1))
-        attn = attn + self._get_rel_pos_bias()
+        attn = self.tap_scores(attn + self._get_rel_pos_bias())
         if mask is not None:
             num_win = mask.shape[0]
             attn = attn.view(-1, num_win, self.num_heads, N, N) + mask.unsqueeze(1).unsqueeze(0)
             attn = attn.view(-1, self.num_heads, N, N)
-        attn = self.tap_scores(attn)
         attn = self.tap_probs(self.softmax(attn))
         x = self.matmul2(self.attn_drop(attn), v)
         x = x.transpose(1, 2).reshape(B_, N, -1)
