@@ -332,7 +332,8 @@ def _grid_args(p: argparse.ArgumentParser, regress: bool) -> None:
     p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N (default: cpu)")
     p.add_argument("--data-root", default=None, help="root of the full datasets (default: $VITQ_DATA)")
     p.add_argument(
-        "--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice for run, 2 for regress)"
+        "--threads", type=int, default=None,
+        help="torch.set_num_threads (default: torch's choice for run, 2 for regress)",
     )
 
 
