@@ -1,0 +1,1 @@
+"""Vendored mini datasets and checkpoints for the offline CI suite (see README.md)."""
