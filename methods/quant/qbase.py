@@ -101,7 +101,8 @@ class FakeQuantizer(nn.Module):
 
     @property
     def initialized(self) -> bool:
-        raise NotImplementedError
+        """True once the step size is set (every quantizer keeps it in ``self.scale``)."""
+        return self.scale.numel() > 0
 
     def _reset_stats(self) -> None:
         self._lo: torch.Tensor | None = None

@@ -61,10 +61,6 @@ class UniformQuantizer(FakeQuantizer):
         self._consts: tuple = ()
 
     @property
-    def initialized(self) -> bool:
-        return self.scale.numel() > 0
-
-    @property
     def qrange(self) -> tuple[int, int]:
         return int_range(self.bits, self.spec.symmetric)
 
@@ -134,10 +130,6 @@ class Log2Quantizer(FakeQuantizer):
     def __init__(self, spec: QuantizerSpec, bits: int | None) -> None:
         super().__init__(spec, bits)
         self.register_buffer("scale", torch.empty(0))
-
-    @property
-    def initialized(self) -> bool:
-        return self.scale.numel() > 0
 
     def _bscale(self, x: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
         return s.to(device=x.device, dtype=x.dtype).view(bshape(x.dim(), self.axis, s.numel()))
@@ -212,10 +204,6 @@ class LSQQuantizer(FakeQuantizer):
         super().__init__(spec, bits)
         self.scale = nn.Parameter(torch.empty(0))
         self.zero_point = nn.Parameter(torch.empty(0), requires_grad=not spec.symmetric)
-
-    @property
-    def initialized(self) -> bool:
-        return self.scale.numel() > 0
 
     @property
     def qrange(self) -> tuple[int, int]:
