@@ -63,3 +63,5 @@ def get_task(name: str, data_root: str | Path | None = None) -> Task:
 
 def _load_builtin() -> None:
     import tasks.cls  # noqa: F401  (registers "cls")
+    import tasks.det  # noqa: F401  (registers "det"; mmdet is imported only when a det model loads)
+    import tasks.seg  # noqa: F401  (registers "seg")

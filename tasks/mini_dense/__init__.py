@@ -1,0 +1,1 @@
+"""Offline mini detection/segmentation suite: scene generator, layouts, mm configs, checkpoints."""
