@@ -16,7 +16,7 @@ import os
 import sys
 import tempfile
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -30,7 +30,7 @@ from bench.store import ResultStore
 from bench.tables import FORMATS, write_tables
 from methods.base import available_methods, get_method
 from methods.quant.bits import BIT_CANDIDATES, NAMED_SPECS, BitSpec, BitSpecError, parse_bits
-from tasks.base import DATASETS, Task, TaskError, available_tasks, get_task
+from tasks.base import DATASETS, Task, TaskError, available_tasks, get_task, task_options
 
 DEFAULT_BITS = "w4a4,w6a6,w8a8,w4a8"
 BASE_PROFILES = ("ci", "fast", "paper")
@@ -98,6 +98,7 @@ class Plan:
     profile: str
     device: torch.device
     weights: str | None
+    options: dict[str, dict[str, str]] = field(default_factory=dict)  # task -> non-default options
 
     def jobs(self) -> list[Job]:
         return expand(
@@ -109,6 +110,7 @@ class Plan:
             self.profile,
             self.weights,
             tasks=self.tasks,
+            options=self.options,
         )
 
 
@@ -156,7 +158,8 @@ def plan_from_args(args: argparse.Namespace) -> Plan:
     _check_names("profile", [args.profile], profiles)
     device = _device(args.device)
 
-    tasks = {t: get_task(t, data_root=args.data_root) for t in task_names}
+    options = _task_options(task_names, getattr(args, "quant_scope", None))
+    tasks = {t: get_task(t, data_root=args.data_root, **options.get(t, {})) for t in task_names}
     task_models = {t: list(task.models(args.dataset)) for t, task in tasks.items()}
     if args.models:
         wanted = _split(args.models)
@@ -174,7 +177,23 @@ def plan_from_args(args: argparse.Namespace) -> Plan:
             raise UsageError(
                 f"--weights applies to one model; select exactly one with --models (got {n_models})"
             )
-    return Plan(tasks, models_by_task, methods, bits, seeds, args.dataset, args.profile, device, weights)
+    return Plan(tasks, models_by_task, methods, bits, seeds, args.dataset, args.profile, device, weights,
+                options)
+
+
+def _task_options(task_names: list[str], quant_scope: str | None) -> dict[str, dict[str, str]]:
+    """Non-default task options per task (``--quant-scope`` applies to the tasks that accept it)."""
+    if quant_scope is None:
+        return {}
+    scoped = {t: task_options(t)["quant_scope"] for t in task_names if "quant_scope" in task_options(t)}
+    valid = next(iter(scoped.values()), ("backbone", "all"))
+    if quant_scope not in valid:
+        raise UsageError(f"unknown --quant-scope {quant_scope!r}; valid: {', '.join(valid)}")
+    if not scoped:
+        raise UsageError(f"--quant-scope applies to det and seg only (tasks: {', '.join(task_names)})")
+    if quant_scope == valid[0]:
+        return {}  # the default: not recorded, so keys match runs without the flag
+    return {t: {"quant_scope": quant_scope} for t in scoped}
 
 
 def _print_summary(summary: RunSummary, records: str) -> None:
@@ -366,6 +385,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--results", default="results", help="results directory (default: results)")
     p.add_argument("--weights", default=None, help="local checkpoint for the (single) selected model")
+    p.add_argument(
+        "--quant-scope", default=None,
+        help="det/seg: quantize the 'backbone' (default) or 'all' (backbone, neck and heads)",
+    )
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("list", parents=[common], help="methods (with provenance), tasks, models, bit specs")

@@ -37,9 +37,10 @@ class Job:
     config: dict[str, Any] = field(repr=False)
     weights_tag: str = DEFAULT_WEIGHTS_TAG
     weights: str | None = None  # file handed to task.load (not part of the key; its tag is)
+    options: dict[str, Any] = field(default_factory=dict)  # task options, e.g. {"quant_scope": "all"}
 
     def key_parts(self) -> dict[str, Any]:
-        return {
+        parts = {
             "method": self.method,
             "config": self.config,
             "model": self.model,
@@ -50,6 +51,9 @@ class Job:
             "seed": self.seed,
             "profile": self.profile,
         }
+        if self.options:  # only non-default task options enter the key: default keys stay stable
+            parts["options"] = dict(sorted(self.options.items()))
+        return parts
 
     @functools.cached_property
     def key(self) -> str:
@@ -57,8 +61,9 @@ class Job:
 
     @property
     def job_id(self) -> str:
-        """Readable identity used by the golden file: task/model/method/bits/seed."""
-        return f"{self.task}/{self.model}/{self.method}/{self.bits}/{self.seed}"
+        """Readable identity used by the golden file: task/model/method/bits/seed[?option=value]."""
+        base = f"{self.task}/{self.model}/{self.method}/{self.bits}/{self.seed}"
+        return base + options_suffix(self.options)
 
     @property
     def is_fp(self) -> bool:
@@ -68,6 +73,13 @@ class Job:
     def reference(self) -> tuple[str, str, str, str]:
         """The (task, model, weights, dataset) whose FP job this job compares with."""
         return (self.task, self.model, self.weights_tag, self.dataset)
+
+
+def options_suffix(options: Mapping[str, Any] | None) -> str:
+    """``?quant_scope=all`` for non-default task options, "" otherwise (job ids, table labels)."""
+    if not options:
+        return ""
+    return "?" + "&".join(f"{k}={v}" for k, v in sorted(options.items()))
 
 
 def resolved_config(method: str, profile: str) -> dict[str, Any]:
@@ -102,10 +114,12 @@ def expand(
     profile: str,
     weights: str | None = None,
     tasks: Mapping[str, Any] | None = None,
+    options: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> list[Job]:
     """All jobs, FP first within each (task, model); the FP job is added even if ``fp`` was not asked for.
 
-    ``tasks`` (name -> Task) is only consulted for an optional ``weights_tag(model, dataset, weights)``.
+    ``tasks`` (name -> Task) is only consulted for an optional ``weights_tag(model, dataset, weights)``;
+    ``options`` (task -> non-default task options) is recorded in each job of that task.
     """
     quant_methods = [m for m in methods if m != FP_METHOD]
     quant_bits = [b.name for b in bits if not b.is_fp]  # FP is the per-model reference column
@@ -115,7 +129,8 @@ def expand(
         for model in models:
             tag = _tag_for((tasks or {}).get(task), model, dataset, weights)
             common = dict(
-                task=task, model=model, dataset=dataset, profile=profile, weights_tag=tag, weights=weights
+                task=task, model=model, dataset=dataset, profile=profile, weights_tag=tag, weights=weights,
+                options=dict((options or {}).get(task, {})),
             )
             jobs.append(
                 Job(method=FP_METHOD, bits=FP_BITS, seed=FP_SEED, config=configs[FP_METHOD], **common)

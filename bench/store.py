@@ -59,7 +59,10 @@ def job_key(parts: Mapping[str, Any]) -> str:
     missing = set(KEY_FIELDS) - set(parts)
     if missing:
         raise ValueError(f"job key parts missing: {sorted(missing)}")
-    payload = canonical_json({k: parts[k] for k in KEY_FIELDS})
+    keyed = {k: parts[k] for k in KEY_FIELDS}
+    if parts.get("options"):  # non-default task options only, so default keys stay what they were
+        keyed["options"] = parts["options"]
+    payload = canonical_json(keyed)
     return hashlib.sha256(payload.encode()).hexdigest()[:KEY_LENGTH]
 
 
@@ -170,6 +173,8 @@ def records_frame(records: Iterable[Mapping[str, Any]]) -> pd.DataFrame:
     rows = []
     for r in records:
         row: dict[str, Any] = {c: r.get(c) for c in FRAME_COLUMNS}
+        opts = r.get("options") or {}  # non-default task options, e.g. quant_scope=all
+        row["options"] = "&".join(f"{k}={v}" for k, v in sorted(opts.items()))
         row["created"] = r.get("created")
         row["model_size_bits"] = r.get("model_size_bits")
         row["peak_memory_mb"] = r.get("peak_memory_mb")

@@ -39,13 +39,18 @@ def _latest(df: pd.DataFrame) -> pd.DataFrame:
     """One record per (method, model, weights, bits, seed): the newest wins (e.g. over an older config)."""
     if "created" in df:
         df = df.sort_values("created", kind="stable", na_position="first")
-    return df.drop_duplicates(["method", "model", "weights", "bits", "seed"], keep="last")
+    keys = ["method", "model", "weights", "bits", "seed"] + (["options"] if "options" in df else [])
+    return df.drop_duplicates(keys, keep="last")
 
 
 def _model_labels(df: pd.DataFrame) -> pd.Series:
     """The model name, plus the weights tag when one model appears with several weights."""
     multi = df.groupby("model")["weights"].transform("nunique") > 1
-    return df["model"].where(~multi, df["model"] + "@" + df["weights"].astype(str))
+    label = df["model"].where(~multi, df["model"] + "@" + df["weights"].astype(str))
+    if "options" in df:  # e.g. "mini-mask-rcnn-swin[quant_scope=all]" beside the backbone-only rows
+        opts = df["options"].fillna("").astype(str)
+        label = label.where(opts == "", label + "[" + opts + "]")
+    return label
 
 
 def format_cell(values: Sequence[float], fp: float | None) -> str:

@@ -54,11 +54,17 @@ def available_tasks() -> list[str]:
     return list(_TASKS)
 
 
-def get_task(name: str, data_root: str | Path | None = None) -> Task:
+def task_options(name: str) -> dict[str, tuple[str, ...]]:
+    """Options a task accepts (``OPTIONS`` class attribute: name -> valid values, first = default)."""
+    _load_builtin()
+    return dict(getattr(_TASKS[name], "OPTIONS", {}))
+
+
+def get_task(name: str, data_root: str | Path | None = None, **options: str) -> Task:
     _load_builtin()
     if name not in _TASKS:
         raise KeyError(f"unknown task {name!r}; valid: {', '.join(_TASKS)}")
-    return _TASKS[name](data_root=data_root)
+    return _TASKS[name](data_root=data_root, **options)
 
 
 def _load_builtin() -> None:

@@ -93,6 +93,7 @@ class DenseTaskBase:
     full_models: dict[str, DetModel] = {}
     train_script = ""
     full_input_size: tuple[int, int] = (0, 0)
+    OPTIONS = {"quant_scope": QUANT_SCOPES}  # tasks.base.task_options; first value is the default
 
     def __init__(self, data_root: str | Path | None = None, quant_scope: str = "backbone") -> None:
         root = data_root if data_root is not None else os.environ.get("VITQ_DATA")

@@ -43,9 +43,11 @@ class ToyNet(nn.Module):
 class ToyTask:
     name = "toy"
     primary_metric = "top1"
+    OPTIONS = {"quant_scope": ("backbone", "all")}  # like det/seg: --quant-scope applies
 
-    def __init__(self, data_root: str | None = None) -> None:
+    def __init__(self, data_root: str | None = None, quant_scope: str = "backbone") -> None:
         self.data_root = data_root
+        self.quant_scope = quant_scope
 
     def models(self, dataset: str) -> list[str]:
         return list(MODELS[dataset])
@@ -66,7 +68,7 @@ class ToyTask:
             family="vit",
             logits=lambda m, x: m(x),
             num_classes=4,
-            info={"weights": weights or "builtin"},
+            info={"weights": weights or "builtin", "quant_scope": self.quant_scope},
         )
 
     def calibration(self, dataset: str, n: int, seed: int) -> torch.Tensor:

@@ -187,6 +187,28 @@ def test_run_then_resume_then_tables(tmp_path, fakes, capsys):
     assert cli.main(["tables", "--results", str(tmp_path / "empty")]) == 1
 
 
+def test_quant_scope_is_a_recorded_task_option(tmp_path, fakes, capsys):
+    out = tmp_path / "res"
+    base = ["run", "--tasks", "toy", "--models", "toy-a", "--methods", "fp,toy-ptq", "--bits", "w4a4"]
+    assert cli.main([*base, "--results", str(out)]) == 0
+    default_keys = {r["key"] for r in ResultStore(out).records()}
+    # the default scope named explicitly is the same job (same keys: everything cached)
+    assert cli.main([*base, "--quant-scope", "backbone", "--results", str(out)]) == 0
+    assert "2 jobs: 0 run, 2 cached" in capsys.readouterr().out
+    assert cli.main([*base, "--quant-scope", "all", "--results", str(out)]) == 0
+    assert "2 jobs: 2 run, 0 cached" in capsys.readouterr().out
+    scoped = [r for r in ResultStore(out).records() if r["key"] not in default_keys]
+    assert len(scoped) == 2
+    assert all(r["options"] == {"quant_scope": "all"} for r in scoped)
+    assert all(r["target"]["info"]["quant_scope"] == "all" for r in scoped)
+    assert {r["job_id"] for r in scoped} == {"toy/toy-a/fp/fp/0?quant_scope=all",
+                                              "toy/toy-a/toy-ptq/w4a4/0?quant_scope=all"}
+    assert cli.main(["tables", "--results", str(out), "--format", "md"]) == 0
+    table = capsys.readouterr().out
+    assert "toy-a[quant_scope=all] w4a4" in table  # a column of its own beside the default scope
+    assert "toy-a w4a4" in table
+
+
 def test_failed_job_gives_exit_1(tmp_path, monkeypatch, capsys):
     monkeypatch.delenv(cli.PLUGIN_ENV, raising=False)
     bench_fakes.install(monkeypatch)

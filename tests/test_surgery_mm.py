@@ -142,7 +142,8 @@ def test_shift_mask_bias_and_padding_reach_the_scores():
         expected = ref(x)
     assert_same(list(out), list(expected))
     n = w_shift.window_size[0] * w_shift.window_size[1]
-    assert seen["scores"].shape[-2:] == (n, n) and av.shape[-2:] == (n, w_shift.embed_dims // w_shift.num_heads)
+    assert seen["scores"].shape[-2:] == (n, n)
+    assert av.shape[-2:] == (n, w_shift.embed_dims // w_shift.num_heads)
     assert seen["scores"].min() < -50  # shift mask present (-100 between different regions)
     assert seen["plain"].min() > -50  # no mask in the unshifted block
     assert torch.allclose(seen["probs"], seen["scores"].softmax(-1), atol=1e-6)
