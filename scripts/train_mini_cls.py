@@ -17,6 +17,7 @@ import argparse
 import json
 import math
 import platform
+import re
 import shlex
 import sys
 import time
@@ -237,7 +238,10 @@ def write_report(log: dict, out: Path) -> None:
                   "|---:|---:|---:|---:|---:|"]
         lines += [f"| {h['epoch']} | {h['steps']} | {h['train_loss']:.4f} | {h['mini_top1']:.2f} | "
                   f"{h['elapsed_s']:.0f} s |" for h in r["history"]]
-    out.write_text("\n".join(lines) + "\n")
+    # keep sections other scripts own (e.g. scripts/fit_dinov2_head.py's marked mini-dinov2 block)
+    old = out.read_text() if out.is_file() else ""
+    kept = re.findall(r"<!-- [\w-]+: begin .*?<!-- [\w-]+: end -->\n?", old, flags=re.S)
+    out.write_text("\n".join(lines) + "\n" + "".join("\n" + k for k in kept))
 
 
 def main(argv: list[str] | None = None) -> None:
