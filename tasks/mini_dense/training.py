@@ -128,5 +128,6 @@ def write_report(log: dict, path: Path) -> None:
                   f"{r['train_images']} train images, "
                   f"{r['threads']} thread(s), {r['train_seconds'] / 60:.0f} min",
                   f"- val: {metrics} (evaluation {r['eval_seconds']} s)",
-                  f"- command: `{r['command']}` ({r['date']}, torch {r['host']['torch']})", ""]
+                  f"- command: `{r['command']}` ({r['date']}, torch {r['host']['torch']})"]
+        lines += [f"- note: {n}" for n in r.get("notes", [])] + [""]
     path.write_text("\n".join(lines))
