@@ -211,10 +211,14 @@ class PSAQViT(QuantMethod):
         tv_target_range: tuple[float, float] = (2500.0, 3000.0)  # at B=32, 3x224x224
         tv_scale_to_input: bool = True  # rescale v to this batch / image size (see provenance)
         swin_drop_first_token: bool = True  # V1 quirk: drop token 0 of every window
+        # Tasks without class logits (det/seg): V1 has no setting for them. Their inputs are larger
+        # and the backbone costs more per image, so the CPU profile may generate fewer, shorter.
+        dense_batch_size: int | None = None  # None = batch_size
+        dense_iterations: int | None = None  # per stage; None = iterations (warm-up scaled with it)
         use_cache: bool = True
         save_grid: bool = True
 
-    PROFILES = {"ci": {"iterations": 60, "warmup": 12}}
+    PROFILES = {"ci": {"iterations": 60, "warmup": 12, "dense_batch_size": 8, "dense_iterations": 20}}
     provenance = {
         "weight quantizer": "code-verified: per-output-channel symmetric min-max recomputed every forward, "
         "scale max|w|/((2^b-1)/2), every Linear and the patch-embed Conv, no 8-bit exception "
@@ -243,6 +247,9 @@ class PSAQViT(QuantMethod):
         "init": "code-verified: B=32 images from N(0, 1) in normalised space",
         "calibration": "code-verified: one forward on the 32 generated images, then freeze",
         "randomness": "choice: a torch generator from the job seed replaces python's random",
+        "det/seg generation": "choice: same losses without CE (no class logits), images at the task's input "
+        "size from the backbone's attention; dense_batch_size / dense_iterations (paper profile: V1's "
+        "32 images x 500 its; ci: 8 x 20) because V1 defines no dense setting",
     }
 
     # -- generation ----------------------------------------------------------------------------
@@ -273,7 +280,13 @@ class PSAQViT(QuantMethod):
         cfg = self.config
         spec = target.input_spec
         lims = [scale_jitter_limit(v, spec.image_size, cfg.jitter_reference_size) for v in cfg.jitter_lims]
-        stages = [Stage(cfg.iterations, lim, cfg.warmup) for lim in lims]
+        batch_size, iterations, warmup = cfg.batch_size, cfg.iterations, cfg.warmup
+        if target.logits is None:  # det/seg (see Config)
+            batch_size = cfg.dense_batch_size or cfg.batch_size
+            if cfg.dense_iterations:
+                warmup = max(1, round(cfg.warmup * cfg.dense_iterations / cfg.iterations))
+                iterations = cfg.dense_iterations
+        stages = [Stage(iterations, lim, warmup) for lim in lims]
         hooked = target.quant_module
         forward: Callable[[Tensor], Tensor]
         num_classes = None
@@ -285,12 +298,12 @@ class PSAQViT(QuantMethod):
             forward = hooked  # output unused: no CE term (noted in generate)
         tv_scale = 1.0
         if cfg.tv_scale_to_input:
-            tv_scale = tv_target_scale(cfg.batch_size, spec.in_chans, spec.image_size)
+            tv_scale = tv_target_scale(batch_size, spec.in_chans, spec.image_size)
         result = generate_pse_images(
             hooked,
             forward,
             spec,
-            batch_size=cfg.batch_size,
+            batch_size=batch_size,
             stages=stages,
             lr=cfg.lr_swin if target.family == "swin" else cfg.lr,
             generator=ctx.generator(),
