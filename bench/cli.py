@@ -37,7 +37,7 @@ BASE_PROFILES = ("ci", "fast", "paper")
 PLUGIN_ENV = "VITQ_BENCH_PLUGINS"
 GOLDEN_DEFAULT = "results/golden/mini.json"
 # The grid the golden file covers (mini dataset, ci profile): `bench regress` without selection flags.
-REGRESS_GRID = {"methods": "all", "tasks": "cls", "bits": DEFAULT_BITS, "seeds": "0"}
+REGRESS_GRID = {"methods": "all", "tasks": "cls,det,seg", "bits": DEFAULT_BITS, "seeds": "0"}
 
 
 class UsageError(Exception):

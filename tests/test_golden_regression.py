@@ -20,11 +20,14 @@ def test_golden_file_covers_the_mini_grid():
     golden = json.loads(GOLDEN.read_text())
     assert golden["profile"] == "ci" and golden["dataset"] == "mini"
     jobs = set(golden["results"])
-    for model in ("mini-vit", "mini-deit", "mini-swin"):
-        assert f"cls/{model}/fp/fp/0" in jobs
+    models = [("cls", m) for m in ("mini-vit", "mini-deit", "mini-swin")]
+    models += [("det", "mini-mask-rcnn-swin"), ("det", "mini-cascade-mask-rcnn-swin"),
+               ("seg", "mini-upernet-swin")]
+    for task, model in models:
+        assert f"{task}/{model}/fp/fp/0" in jobs
         for method in ("minmax-ptq", "noise-ptq", "psaq-vit"):
             for bits in ("w4a4", "w6a6", "w8a8", "w4a8"):
-                assert f"cls/{model}/{method}/{bits}/0" in jobs
+                assert f"{task}/{model}/{method}/{bits}/0" in jobs
     assert all(tol >= 0 for tol in golden["tolerance"].values())
 
 
