@@ -247,8 +247,17 @@ class DenseTaskBase:
             self._datasets[key] = _mm().build_dataset(self._eval_dataset_cfg(cfg, dataset), self.scope)
         return self._datasets[key]
 
+    def _calibration_pool(self, dataset: str) -> list[Path]:
+        """The images calibration draws from (disjoint from the evaluation split)."""
+        folder = self._calibration_folder(dataset)
+        paths = sorted(folder.glob("*.jpg"))
+        if not paths:
+            raise TaskError(f"no calibration images in {folder}"
+                            + (": run scripts/make_mini_dense_data.py" if dataset == "mini" else ""))
+        return paths
+
     # subclass hooks
-    def _calibration_pool(self, dataset: str) -> list[Path]: ...
+    def _calibration_folder(self, dataset: str) -> Path: ...
     def _eval_dataset_cfg(self, cfg, dataset: str) -> dict: ...
     def _metric_cfg(self, cfg, dataset: str) -> dict: ...
     def _metrics(self, raw: dict[str, float]) -> dict[str, float]: ...
@@ -316,14 +325,8 @@ class DetectionTask(DenseTaskBase):
             raise TaskError(f"CocoMetric returned no {', '.join(missing)}")
         return {k: round(100.0 * raw[k], 2) for k in METRICS}
 
-    def _calibration_pool(self, dataset: str) -> list[Path]:
-        root = self._coco_root(dataset)
-        folder = root / ("calib2017" if dataset == "mini" else "train2017")
-        paths = sorted(folder.glob("*.jpg"))
-        if not paths:
-            raise TaskError(f"no calibration images in {folder}"
-                            + (": run scripts/make_mini_dense_data.py" if dataset == "mini" else ""))
-        return paths
+    def _calibration_folder(self, dataset: str) -> Path:
+        return self._coco_root(dataset) / ("calib2017" if dataset == "mini" else "train2017")
 
     def _dataset_name(self, dataset: str) -> str:
         return "mini-coco" if dataset == "mini" else "coco-val2017"

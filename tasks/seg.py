@@ -71,16 +71,8 @@ class SegmentationTask(DenseTaskBase):
             raise TaskError(f"IoUMetric returned no {', '.join(missing)}")
         return {k: float(raw[k]) for k in SEG_METRICS}  # already percent
 
-    def _calibration_pool(self, dataset: str) -> list[Path]:
-        from tasks.base import TaskError
-
-        root = self._ade_root(dataset)
-        folder = root / "images" / ("calibration" if dataset == "mini" else "training")
-        paths = sorted(folder.glob("*.jpg"))
-        if not paths:
-            raise TaskError(f"no calibration images in {folder}"
-                            + (": run scripts/make_mini_dense_data.py" if dataset == "mini" else ""))
-        return paths
+    def _calibration_folder(self, dataset: str) -> Path:
+        return self._ade_root(dataset) / "images" / ("calibration" if dataset == "mini" else "training")
 
     def _dataset_name(self, dataset: str) -> str:
         return "mini-ade" if dataset == "mini" else "ade20k-val"
