@@ -31,7 +31,7 @@ from methods.quant.target import QuantTarget
 
 KNOWN_PROFILES = ("paper", "fast", "ci")
 PROVENANCE_LEVELS = ("code-verified", "paper", "reconstructed", "choice")
-BUILTIN_MODULES = ("methods.baselines",)
+BUILTIN_MODULES = ("methods.baselines", "methods.psaq_vit_v2", "methods.mimiq")
 ENTRY_POINT_GROUP = "vitq_bench.methods"
 
 

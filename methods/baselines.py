@@ -52,6 +52,14 @@ def minmax_policy(name: str = "minmax-ptq") -> Policy:
     )
 
 
+def psaq_drop_tokens(target: QuantTarget, swin_drop_first_token: bool) -> int:
+    """Tokens PSAQ's patch-similarity entropy skips: the prefix tokens; on Swin V1 drops token 0 of
+    every window although Swin has no class token (a V1 quirk, kept by default)."""
+    if target.family == "swin" and swin_drop_first_token:
+        return 1
+    return target.prefix_tokens
+
+
 def psaq_v1_policy() -> Policy:
     """PSAQ-ViT V1 placement (spec Part 1.2) over the surgery's sites.
 
@@ -255,10 +263,7 @@ class PSAQViT(QuantMethod):
     # -- generation ----------------------------------------------------------------------------
 
     def _drop_tokens(self, target: QuantTarget) -> int:
-        if target.family == "swin":
-            return 1 if self.config.swin_drop_first_token else 0
-        mod = target.quant_module
-        return int(getattr(mod, "num_prefix_tokens", getattr(target.model, "num_prefix_tokens", 1)))
+        return psaq_drop_tokens(target, self.config.swin_drop_first_token)
 
     def generate(self, target: QuantTarget, ctx: RunContext) -> Tensor:
         """The generated batch (normalised, on CPU), from the cache when available."""

@@ -25,7 +25,7 @@ def test_golden_file_covers_the_mini_grid():
                ("seg", "mini-upernet-swin")]
     for task, model in models:
         assert f"{task}/{model}/fp/fp/0" in jobs
-        for method in ("minmax-ptq", "noise-ptq", "psaq-vit"):
+        for method in ("minmax-ptq", "noise-ptq", "psaq-vit", "psaq-vit-v2", "mimiq"):
             for bits in ("w4a4", "w6a6", "w8a8", "w4a8"):
                 assert f"{task}/{model}/{method}/{bits}/0" in jobs
     assert all(tol >= 0 for tol in golden["tolerance"].values())

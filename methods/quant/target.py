@@ -68,3 +68,11 @@ class QuantTarget:
     @property
     def has_logits(self) -> bool:
         return self.logits is not None
+
+    @property
+    def prefix_tokens(self) -> int:
+        """Class/register tokens ahead of the patch tokens (0 for Swin's window tokens)."""
+        if self.family == "swin":
+            return 0
+        mod = self.quant_module
+        return int(getattr(mod, "num_prefix_tokens", getattr(self.model, "num_prefix_tokens", 1)))

@@ -57,6 +57,7 @@ def generate_pse_images(
     eps: float = 1e-8,
     extra_loss: ExtraLoss | None = None,
     progress: Callable[[str], None] | None = None,
+    init: Tensor | None = None,
 ) -> OptimResult:
     """Generate ``batch_size`` normalised images from N(0, 1) noise.
 
@@ -64,9 +65,15 @@ def generate_pse_images(
     the FP model on images and returns logits (used for CE when ``num_classes`` is set and
     ``ce_weight > 0``; otherwise its output is ignored). Draw order from ``generator``: noise,
     labels, TV target, then the per-step augmentation. ``result.meta`` holds labels and target.
+    ``init`` (normalised, ``batch_size`` images) replaces the noise start, and no noise is drawn:
+    PSAQ-ViT V2 warm-starts each round from the previous round's images.
     """
     device = next(hooked.parameters()).device
-    init = torch.randn(input_spec.shape(batch_size), generator=generator).to(device)
+    if init is None:
+        init = torch.randn(input_spec.shape(batch_size), generator=generator)
+    elif init.shape != input_spec.shape(batch_size):
+        raise ValueError(f"init has shape {tuple(init.shape)}, expected {input_spec.shape(batch_size)}")
+    init = init.to(device)
     use_ce = ce_weight > 0 and num_classes is not None
     labels = torch.randint(num_classes, (batch_size,), generator=generator).to(device) if use_ce else None
     lo, hi = tv_target_range
