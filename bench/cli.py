@@ -18,13 +18,14 @@ import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from tabulate import tabulate
 
 from bench import regress as rg
 from bench.env import environment
-from bench.grid import FP_METHOD, Job, expand
+from bench.grid import FP_METHOD, Job, coerce_method_args, expand, parse_method_args
 from bench.runner import RunSummary, run_jobs
 from bench.store import ResultStore
 from bench.tables import FORMATS, write_tables
@@ -99,6 +100,7 @@ class Plan:
     device: torch.device
     weights: str | None
     options: dict[str, dict[str, str]] = field(default_factory=dict)  # task -> non-default options
+    method_args: dict[str, Any] = field(default_factory=dict)  # --method-args (every quant method)
 
     def jobs(self) -> list[Job]:
         return expand(
@@ -111,6 +113,7 @@ class Plan:
             self.weights,
             tasks=self.tasks,
             options=self.options,
+            method_args=self.method_args,
         )
 
 
@@ -157,6 +160,7 @@ def plan_from_args(args: argparse.Namespace) -> Plan:
     profiles = sorted(set(BASE_PROFILES).union(*(get_method(m).profiles() for m in methods)))
     _check_names("profile", [args.profile], profiles)
     device = _device(args.device)
+    method_args = _method_args(getattr(args, "method_args", None), methods)
 
     options = _task_options(task_names, getattr(args, "quant_scope", None))
     tasks = {t: get_task(t, data_root=args.data_root, **options.get(t, {})) for t in task_names}
@@ -181,7 +185,21 @@ def plan_from_args(args: argparse.Namespace) -> Plan:
                 f"--weights applies to one model; select exactly one with --models (got {n_models})"
             )
     return Plan(tasks, models_by_task, methods, bits, seeds, args.dataset, args.profile, device, weights,
-                options)
+                options, method_args)
+
+
+def _method_args(text: str | None, methods: list[str]) -> dict[str, Any]:
+    """Parsed ``--method-args``; every selected quantization method must have each field."""
+    try:
+        method_args = parse_method_args(text)
+        for method in methods:
+            if method != FP_METHOD:
+                coerce_method_args(method, method_args)
+    except ValueError as e:
+        raise UsageError(f"{e} (--method-args)") from e
+    if method_args and methods == [FP_METHOD]:
+        raise UsageError("--method-args sets quantization-method fields; select a method besides fp")
+    return method_args
 
 
 def _optional_models(task: Task, dataset: str) -> list[str]:
@@ -401,6 +419,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--quant-scope", default=None,
         help="det/seg: quantize the 'backbone' (default) or 'all' (backbone, neck and heads)",
+    )
+    p.add_argument(
+        "--method-args", default=None, metavar="K=V,...",
+        help="set config fields of the selected methods on top of the profile, e.g. "
+        "'rounds=24,adv_weight=10' (recorded; the rows get their own table label)",
     )
     p.set_defaults(func=cmd_run)
 

@@ -8,6 +8,8 @@ so the key (and hence resume) changes whenever the config does.
 
 from __future__ import annotations
 
+import ast
+import dataclasses
 import functools
 import hashlib
 from collections.abc import Mapping, Sequence
@@ -15,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bench.store import job_key, jsonable
+from bench.store import job_key, jsonable, method_args_suffix
 from methods.base import get_method
 from methods.quant.bits import BitSpec
 
@@ -38,6 +40,9 @@ class Job:
     weights_tag: str = DEFAULT_WEIGHTS_TAG
     weights: str | None = None  # file handed to task.load (not part of the key; its tag is)
     options: dict[str, Any] = field(default_factory=dict)  # task options, e.g. {"quant_scope": "all"}
+    # config fields set on the command line (--method-args); already inside ``config`` (hence the key),
+    # kept apart so job ids and tables can tell the run from the profile's own setting
+    method_args: dict[str, Any] = field(default_factory=dict)
 
     def key_parts(self) -> dict[str, Any]:
         parts = {
@@ -53,6 +58,8 @@ class Job:
         }
         if self.options:  # only non-default task options enter the key: default keys stay stable
             parts["options"] = dict(sorted(self.options.items()))
+        if self.method_args:  # recorded; the key already differs through ``config``
+            parts["method_args"] = jsonable(dict(sorted(self.method_args.items())))
         return parts
 
     @functools.cached_property
@@ -62,7 +69,8 @@ class Job:
     @property
     def job_id(self) -> str:
         """Readable identity used by the golden file: task/model/method/bits/seed[?option=value]."""
-        base = f"{self.task}/{self.model}/{self.method}/{self.bits}/{self.seed}"
+        method = self.method + method_args_suffix(self.method_args)
+        base = f"{self.task}/{self.model}/{method}/{self.bits}/{self.seed}"
         return base + options_suffix(self.options)
 
     @property
@@ -82,9 +90,76 @@ def options_suffix(options: Mapping[str, Any] | None) -> str:
     return "?" + "&".join(f"{k}={v}" for k, v in sorted(options.items()))
 
 
-def resolved_config(method: str, profile: str) -> dict[str, Any]:
-    """The method's config for a profile as plain data (dataclasses.asdict, JSON-safe)."""
-    return jsonable(get_method(method).make_config(profile))
+def _split_top_level(text: str) -> list[str]:
+    """Split on commas that are not inside brackets."""
+    items, depth, start = [], 0, 0
+    for i, ch in enumerate(text):
+        depth += ch in "([{"
+        depth -= ch in ")]}"
+        if ch == "," and depth == 0:
+            items.append(text[start:i])
+            start = i + 1
+    return [*items, text[start:]]
+
+
+def _value(text: str) -> Any:
+    """A Python literal; a bracketed list of bare words is a tuple of strings; anything else a string."""
+    text = text.strip()
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        pass
+    if len(text) >= 2 and text[0] in "([" and text[-1] in ")]":
+        inner = text[1:-1].strip()
+        return tuple(_value(v) for v in _split_top_level(inner) if v.strip()) if inner else ()
+    return text
+
+
+def parse_method_args(text: str | None) -> dict[str, Any]:
+    """``rounds=24,adv_weight=10,lr_steps=(8,50)`` -> a dict of Python values (strings stay strings).
+
+    Commas inside brackets belong to the value, so tuples can be given as ``(8,50)`` or ``(fc,head)``.
+    """
+    out: dict[str, Any] = {}
+    if not text or not text.strip():
+        return out
+    for item in (it.strip() for it in _split_top_level(text)):
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip() or not value.strip():
+            raise ValueError(f"--method-args: {item!r} is not key=value (e.g. rounds=24,adv_weight=10)")
+        out[key.strip()] = _value(value)
+    return out
+
+
+def coerce_method_args(method: str, method_args: Mapping[str, Any]) -> dict[str, Any]:
+    """The args with each value converted to its config field's type; ValueError names the problem."""
+    config = get_method(method).Config()
+    fields = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
+    out: dict[str, Any] = {}
+    for key, value in method_args.items():
+        if key not in fields:
+            raise ValueError(f"method {method!r} has no config field {key!r}; fields: {', '.join(fields)}")
+        default = fields[key]
+        if default is None or value is None or type(value) is type(default):
+            out[key] = value
+        elif isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
+            out[key] = float(value)
+        elif isinstance(default, tuple) and isinstance(value, (tuple, list)):
+            out[key] = tuple(value)
+        elif isinstance(default, int) and not isinstance(default, bool) and isinstance(value, float) \
+                and value.is_integer():
+            out[key] = int(value)
+        else:
+            raise ValueError(f"method {method!r}: {key}={value!r} should be {type(default).__name__} "
+                             f"like the default {default!r}")
+    return out
+
+
+def resolved_config(
+    method: str, profile: str, method_args: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
+    """The method's config for a profile (plus ``method_args``) as plain data (JSON-safe)."""
+    return jsonable(get_method(method).make_config(profile, **dict(method_args or {})))
 
 
 @functools.cache
@@ -115,15 +190,18 @@ def expand(
     weights: str | None = None,
     tasks: Mapping[str, Any] | None = None,
     options: Mapping[str, Mapping[str, Any]] | None = None,
+    method_args: Mapping[str, Any] | None = None,
 ) -> list[Job]:
     """All jobs, FP first within each (task, model); the FP job is added even if ``fp`` was not asked for.
 
     ``tasks`` (name -> Task) is only consulted for an optional ``weights_tag(model, dataset, weights)``;
-    ``options`` (task -> non-default task options) is recorded in each job of that task.
+    ``options`` (task -> non-default task options) is recorded in each job of that task;
+    ``method_args`` (config field -> value) applies to every quantization method (not ``fp``).
     """
     quant_methods = [m for m in methods if m != FP_METHOD]
     quant_bits = [b.name for b in bits if not b.is_fp]  # FP is the per-model reference column
-    configs = {m: resolved_config(m, profile) for m in [FP_METHOD, *quant_methods]}
+    margs = {m: coerce_method_args(m, method_args or {}) for m in quant_methods}
+    configs = {m: resolved_config(m, profile, margs.get(m)) for m in [FP_METHOD, *quant_methods]}
     jobs: list[Job] = []
     for task, models in models_by_task.items():
         for model in models:
@@ -138,5 +216,6 @@ def expand(
             for method in quant_methods:
                 for b in quant_bits:
                     for seed in seeds:
-                        jobs.append(Job(method=method, bits=b, seed=seed, config=configs[method], **common))
+                        jobs.append(Job(method=method, bits=b, seed=seed, config=configs[method],
+                                        method_args=margs[method], **common))
     return jobs

@@ -140,7 +140,7 @@ def run_job(
 ) -> dict:
     """Run one job end to end and write its record; returns the record."""
     method_cls = get_method(job.method)
-    method = method_cls(method_cls.make_config(job.profile))
+    method = method_cls(method_cls.make_config(job.profile, **job.method_args))
     ctx = RunContext(
         device=device,
         seed=job.seed,

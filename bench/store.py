@@ -54,6 +54,14 @@ def canonical_json(obj: Any) -> str:
     return json.dumps(jsonable(obj), sort_keys=True, separators=(",", ":"), ensure_ascii=True)
 
 
+def method_args_suffix(method_args: Mapping[str, Any] | None) -> str:
+    """``[adv_weight=10.0,rounds=24]`` for config fields set on the command line, "" otherwise
+    (job ids and table rows)."""
+    if not method_args:
+        return ""
+    return "[" + ",".join(f"{k}={v}" for k, v in sorted(jsonable(dict(method_args)).items())) + "]"
+
+
 def job_key(parts: Mapping[str, Any]) -> str:
     """First 16 hex digits of sha256 over the canonical JSON of the key parts."""
     missing = set(KEY_FIELDS) - set(parts)
@@ -175,6 +183,8 @@ def records_frame(records: Iterable[Mapping[str, Any]]) -> pd.DataFrame:
         row: dict[str, Any] = {c: r.get(c) for c in FRAME_COLUMNS}
         opts = r.get("options") or {}  # non-default task options, e.g. quant_scope=all
         row["options"] = "&".join(f"{k}={v}" for k, v in sorted(opts.items()))
+        # a run with --method-args is its own table row: "mimiq[lr=0.001]"
+        row["method"] = f"{row['method']}{method_args_suffix(r.get('method_args'))}"
         row["created"] = r.get("created")
         row["model_size_bits"] = r.get("model_size_bits")
         row["peak_memory_mb"] = r.get("peak_memory_mb")

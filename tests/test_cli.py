@@ -209,6 +209,43 @@ def test_quant_scope_is_a_recorded_task_option(tmp_path, fakes, capsys):
     assert "toy-a w4a4" in table
 
 
+def test_method_args_set_config_fields_and_get_their_own_rows(tmp_path, fakes, capsys):
+    out = tmp_path / "res"
+    base = ["run", "--tasks", "toy", "--models", "toy-a", "--methods", "toy-ptq", "--bits", "w4a4"]
+    assert cli.main([*base, "--results", str(out)]) == 0
+    args = "calib_size=2,clip=1,layers=(fc,head)"
+    assert cli.main([*base, "--method-args", args, "--results", str(out)]) == 0
+    assert "2 jobs: 1 run, 1 cached" in capsys.readouterr().out  # the fp job is shared
+    (rec,) = [r for r in ResultStore(out).records() if r.get("method_args")]
+    # values take the field's type: clip 1 -> 1.0, the tuple stays a tuple (a list in JSON)
+    assert rec["method_args"] == {"calib_size": 2, "clip": 1.0, "layers": ["fc", "head"]}
+    assert rec["config"] == {"calib_size": 2, "clip": 1.0, "layers": ["fc", "head"]}
+    assert rec["job_id"] == "toy/toy-a/toy-ptq[calib_size=2,clip=1.0,layers=['fc', 'head']]/w4a4/0"
+    assert CALLS["calib_n:2"] == 1  # the method really got the field
+    assert cli.main(["tables", "--results", str(out), "--format", "md"]) == 0
+    table = capsys.readouterr().out
+    top1 = table.split("### ")[1]  # the first table (top1): one row for the default, one for the args
+    rows = [line.split("|")[1].strip() for line in top1.splitlines() if line.startswith("| toy-ptq")]
+    assert rows == ["toy-ptq", "toy-ptq[calib_size=2,clip=1.0,layers=['fc', 'head']]"]
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        ("steps=3", "error: method 'toy-ptq' has no config field 'steps'; fields: calib_size, clip, layers"),
+        ("calib_size=big", "error: method 'toy-ptq': calib_size='big' should be int like the default 32"),
+        ("calib_size", "error: --method-args: 'calib_size' is not key=value"),
+    ],
+)
+def test_method_args_errors_are_one_line(tmp_path, fakes, capsys, args, message):
+    out = tmp_path / "out"
+    run = ["run", "--tasks", "toy", "--methods", "fp,toy-ptq", "--method-args", args, "--results", str(out)]
+    assert cli.main(run) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(message) and len(err.strip().splitlines()) == 1, err
+    assert not out.exists() and sum(CALLS.values()) == 0
+
+
 def test_failed_job_gives_exit_1(tmp_path, monkeypatch, capsys):
     monkeypatch.delenv(cli.PLUGIN_ENV, raising=False)
     bench_fakes.install(monkeypatch)
