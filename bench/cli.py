@@ -27,7 +27,7 @@ from bench import regress as rg
 from bench.env import environment
 from bench.grid import FP_METHOD, Job, coerce_method_args, expand, parse_method_args
 from bench.runner import RunSummary, run_jobs
-from bench.store import ResultStore
+from bench.store import ResultStore, jsonable
 from bench.tables import FORMATS, write_tables
 from methods.base import available_methods, get_method
 from methods.quant.bits import BIT_CANDIDATES, NAMED_SPECS, BitSpec, BitSpecError, parse_bits
@@ -318,8 +318,22 @@ def cmd_regress(args: argparse.Namespace) -> int:
     return 1 if comparison.failed else 0
 
 
+def _method_config_table(name: str) -> str:
+    """Every config field of one method with its value per profile (what --method-args can set)."""
+    cls = get_method(name)
+    profiles = cls.profiles()
+    configs = [jsonable(cls.make_config(p)) for p in profiles]
+    rows = [[field, *(c[field] for c in configs)] for field in configs[0]]
+    return (f"{name}: config fields per profile (set any with --method-args K=V,...)\n"
+            + tabulate(rows, headers=["field", *profiles], maxcolwidths=[None] + [40] * len(profiles)))
+
+
 def cmd_list(args: argparse.Namespace) -> int:
     methods = _registry("methods", available_methods)
+    if args.method:
+        _check_names("method", [args.method], methods)
+        print(_method_config_table(args.method))
+        return 0
     rows, prov = [], []
     for name in methods:
         cls = get_method(name)
@@ -429,6 +443,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("list", parents=[common], help="methods (with provenance), tasks, models, bit specs")
     p.add_argument("--data-root", default=None)
+    p.add_argument("--method", default=None, help="show this method's config fields per profile instead")
     p.set_defaults(func=cmd_list)
 
     p = sub.add_parser("tables", parents=[common], help="render tables from the records")

@@ -287,6 +287,17 @@ def test_list(fakes, capsys):
         assert text in out, text
 
 
+def test_list_one_methods_config(fakes, capsys):
+    assert cli.main(["list", "--method", "toy-ptq"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert "--method-args" in lines[0]
+    assert lines[1].split() == ["field", "paper", "ci"]
+    rows = {line.split()[0]: line.split()[1:] for line in lines[3:]}
+    assert rows == {"calib_size": ["32", "4"], "clip": ["1.0", "1.0"], "layers": ["['fc']", "['fc']"]}
+    assert cli.main(["list", "--method", "nope"]) == 2
+    assert capsys.readouterr().err.startswith("error: unknown method 'nope'")
+
+
 # --- regress ---------------------------------------------------------------------------------------------
 
 
