@@ -31,7 +31,8 @@ from methods.synth.attention_ssim import (
     minmax_normalize,
 )
 from methods.synth.batch_augment import simclr_batch_augment
-from methods.synth.interhead_generation import offset_noise_remaining, total_variation_l2
+from methods.synth.interhead_generation import offset_noise_remaining
+from methods.synth.priors import total_variation_l2
 
 torch.set_num_threads(1)
 SPEC = InputSpec(image_size=(16, 16), in_chans=1, mean=(0.5,), std=(0.5,))

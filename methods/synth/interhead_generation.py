@@ -25,23 +25,11 @@ from torch import Tensor, nn
 from methods.quant.surgery import AttentionRecorder
 from methods.quant.target import InputSpec
 from methods.synth.attention_ssim import inter_head_similarity_loss
-from methods.synth.priors import clamp_to_range
+from methods.synth.priors import clamp_to_range, total_variation_l2
 from methods.synth.pse_generation import frozen_params
 
 # MimiQ's reference setting: B = 16 images of 3 x 224 x 224 (the TV weight 2.5e-5 was set for it).
 MIMIQ_TV_REFERENCE = (16, 3, 224, 224)
-
-
-def total_variation_l2(x: Tensor, diag_scale: float = 1.0) -> Tensor:
-    """Sum of the Frobenius norms (over the batch) of the horizontal, vertical and both diagonal
-    neighbour differences; the diagonal terms are multiplied by ``diag_scale`` (1/sqrt(2) in the
-    MaskAQ copy, 1 in DeepInversion / PSAQ-ViT)."""
-    n = torch.linalg.vector_norm
-    d1 = x[:, :, :, :-1] - x[:, :, :, 1:]
-    d2 = x[:, :, :-1, :] - x[:, :, 1:, :]
-    d3 = x[:, :, 1:, :-1] - x[:, :, :-1, 1:]
-    d4 = x[:, :, :-1, :-1] - x[:, :, 1:, 1:]
-    return n(d1) + n(d2) + diag_scale * (n(d3) + n(d4))
 
 
 def roll_jitter(x: Tensor, lim: int, generator: torch.Generator) -> Tensor:

@@ -26,9 +26,15 @@ def _diffs(x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     )
 
 
-def total_variation_l2(x: Tensor) -> Tensor:
-    """PSAQ-ViT V1 TV: sum of the Frobenius norms (over the whole batch) of the four differences."""
-    return sum((torch.linalg.vector_norm(d) for d in _diffs(x)), x.new_zeros(()))
+def total_variation_l2(x: Tensor, diag_scale: float = 1.0) -> Tensor:
+    """PSAQ-ViT V1 TV: sum of the Frobenius norms (over the whole batch) of the four differences.
+
+    ``diag_scale`` multiplies the two diagonal terms (MaskAQ's copy of MimiQ uses 1/sqrt(2);
+    V1 and DeepInversion use 1).
+    """
+    scales = (1.0, 1.0, diag_scale, diag_scale)
+    return sum((w * torch.linalg.vector_norm(d) for w, d in zip(scales, _diffs(x), strict=True)),
+               x.new_zeros(()))
 
 
 def total_variation_mean(x: Tensor, p: int = 1) -> Tensor:
