@@ -343,12 +343,8 @@ class MimiQ(QuantMethod):
         return student
 
     def quantize(self, target: QuantTarget, bits: BitSpec, ctx: RunContext) -> nn.Module:
-        base = self.config
-        self.config = self._effective_config(target, ctx)
-        try:
-            return self._quantize(target, bits, ctx)
-        finally:
-            self.config = base
+        # a per-target copy (as psaq-vit-v2's for_target): this instance's config is never modified
+        return type(self)(self._effective_config(target, ctx))._quantize(target, bits, ctx)
 
     def _quantize(self, target: QuantTarget, bits: BitSpec, ctx: RunContext) -> nn.Module:
         if bits.is_fp:
