@@ -90,7 +90,7 @@ def options_suffix(options: Mapping[str, Any] | None) -> str:
     return "?" + "&".join(f"{k}={v}" for k, v in sorted(options.items()))
 
 
-def _split_top_level(text: str) -> list[str]:
+def split_top_level(text: str) -> list[str]:
     """Split on commas that are not inside brackets."""
     items, depth, start = [], 0, 0
     for i, ch in enumerate(text):
@@ -102,7 +102,7 @@ def _split_top_level(text: str) -> list[str]:
     return [*items, text[start:]]
 
 
-def _value(text: str) -> Any:
+def parse_value(text: str) -> Any:
     """A Python literal; a bracketed list of bare words is a tuple of strings; anything else a string."""
     text = text.strip()
     try:
@@ -111,7 +111,7 @@ def _value(text: str) -> Any:
         pass
     if len(text) >= 2 and text[0] in "([" and text[-1] in ")]":
         inner = text[1:-1].strip()
-        return tuple(_value(v) for v in _split_top_level(inner) if v.strip()) if inner else ()
+        return tuple(parse_value(v) for v in split_top_level(inner) if v.strip()) if inner else ()
     return text
 
 
@@ -123,11 +123,11 @@ def parse_method_args(text: str | None) -> dict[str, Any]:
     out: dict[str, Any] = {}
     if not text or not text.strip():
         return out
-    for item in (it.strip() for it in _split_top_level(text)):
+    for item in (it.strip() for it in split_top_level(text)):
         key, sep, value = item.partition("=")
         if not sep or not key.strip() or not value.strip():
             raise ValueError(f"--method-args: {item!r} is not key=value (e.g. rounds=24,adv_weight=10)")
-        out[key.strip()] = _value(value)
+        out[key.strip()] = parse_value(value)
     return out
 
 

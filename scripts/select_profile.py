@@ -15,7 +15,6 @@ Prints one line per (setting, model) and the mean over models per setting, as JS
 from __future__ import annotations
 
 import argparse
-import ast
 import itertools
 import json
 import logging
@@ -28,6 +27,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.grid import coerce_method_args, parse_value, split_top_level  # noqa: E402
 from methods.base import RunContext, get_method  # noqa: E402
 from methods.quant.bits import parse_bits  # noqa: E402
 from tasks.cls import ClassificationTask  # noqa: E402
@@ -35,17 +35,12 @@ from tasks.mini import fashion  # noqa: E402
 
 
 def parse_set(text: str) -> tuple[str, list]:
-    """``key=v1,v2`` -> (key, [v1, v2]) with Python literals (``1e-3``, ``(8,)``, ``True``)."""
+    """``key=v1,v2`` -> (key, [v1, v2]), each value read as ``--method-args`` reads one
+    (``1e-3``, ``True``, a tuple ``(8,50)``): ``lr_steps=(8,),(16,)`` tries two tuples."""
     key, sep, values = text.partition("=")
-    if not sep or not key:
+    if not sep or not key or not values.strip():
         raise argparse.ArgumentTypeError(f"--set wants key=v1,v2 (got {text!r})")
-    out = []
-    for v in values.split(";") if ";" in values else values.split(","):
-        try:
-            out.append(ast.literal_eval(v))
-        except (ValueError, SyntaxError):
-            out.append(v)
-    return key, out
+    return key, [parse_value(v) for v in split_top_level(values)]
 
 
 @torch.no_grad()
@@ -75,18 +70,15 @@ def main(argv: list[str] | None = None) -> int:
     try:
         method_cls = get_method(args.method)
         bits = parse_bits(args.bits)
-        fields = set(vars(method_cls.make_config(args.profile)))
-        for key, _ in args.sets:
-            if key not in fields:
-                known = ", ".join(sorted(fields))
-                raise ValueError(f"{args.method} has no config field {key!r}; fields: {known}")
-    except (KeyError, ValueError, TypeError) as e:
-        ap.error(str(e))
-    keys = [k for k, _ in args.sets]
+        keys = [k for k, _ in args.sets]
+        # the same field check and type coercion as `bench run --method-args`, before any work
+        settings = [coerce_method_args(args.method, dict(zip(keys, values, strict=True)))
+                    for values in itertools.product(*[v for _, v in args.sets])]
+    except (KeyError, ValueError) as e:
+        ap.error(str(e.args[0]))  # KeyError's str() would add quotes
     calib_n = None
     with tempfile.TemporaryDirectory() as tmp:
-        for values in itertools.product(*[v for _, v in args.sets]):
-            overrides = dict(zip(keys, values, strict=True))
+        for overrides in settings:
             config = method_cls.make_config(args.profile, **overrides)
             per_model = []
             for model in args.models.split(","):
