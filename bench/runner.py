@@ -213,6 +213,7 @@ def run_job(
             "provenance": dict(getattr(method_cls, "provenance", {})),
         },
         "environment": environment(device),
+        "synthetic_sha256": dict(ctx.image_hashes),
         "extra": extra,
         "notes": [*ctx.notes, *notes],
         "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),

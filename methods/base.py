@@ -28,6 +28,7 @@ from torch import nn
 
 from methods.quant.bits import BitSpec
 from methods.quant.target import QuantTarget
+from methods.synth.artifacts import tensor_sha256
 
 KNOWN_PROFILES = ("paper", "fast", "ci")
 PROVENANCE_LEVELS = ("code-verified", "paper", "reconstructed", "choice")
@@ -53,11 +54,18 @@ class RunContext:
     # Set by the method (via record_quantization): what actually ran, for the result record.
     resolved_bits: BitSpec | None = None
     policy: dict[str, Any] | None = None
+    # name -> SHA-256 of each synthetic batch the method used (record_images): same machine and threads,
+    # same hashes; a changed hash with equal metrics still says the images moved
+    image_hashes: dict[str, str] = field(default_factory=dict)
 
     def record_quantization(self, bits: BitSpec, policy: dict[str, Any] | None = None) -> None:
         """Report the per-layer bits (resolved BitSpec) and the policy (as data) the method applied."""
         self.resolved_bits = bits
         self.policy = policy
+
+    def record_images(self, name: str, images: torch.Tensor) -> None:
+        """Record the SHA-256 of a synthetic (or calibration) batch under ``name`` for the result record."""
+        self.image_hashes[name] = tensor_sha256(images)
 
     def generator(self, offset: int = 0) -> torch.Generator:
         """A CPU generator seeded from the job seed (offset separates independent streams)."""

@@ -33,10 +33,11 @@ from methods.synth.pse_generation import generate_pse_images
 PTQ_WEIGHT = QuantizerSpec(kind="uniform", symmetric=True, per_channel=True, ch_axis=0, range="minmax")
 PTQ_ACT = QuantizerSpec(kind="uniform", symmetric=False, per_channel=False, range="minmax")
 # V1 weights: symmetric per output channel, min-max recomputed at every forward, scale max|w|/((2^b-1)/2)
+# V1 divides (x / s + zp), as its released quant_utils.py does; x * (1/s) moves .5 ties (see qfunc).
 V1_WEIGHT = QuantizerSpec(
-    kind="uniform", symmetric=True, per_channel=True, ch_axis=0, range="dynamic", v1_scale=True
+    kind="uniform", symmetric=True, per_channel=True, ch_axis=0, range="dynamic", v1_scale=True, arith="divide"
 )
-V1_ACT = QuantizerSpec(kind="uniform", symmetric=False, per_channel=False, range="minmax")
+V1_ACT = QuantizerSpec(kind="uniform", symmetric=False, per_channel=False, range="minmax", arith="divide")
 
 
 def minmax_policy(name: str = "minmax-ptq") -> Policy:
@@ -191,6 +192,7 @@ class NoisePTQ(QuantMethod):
     def quantize(self, target: QuantTarget, bits: BitSpec, ctx: RunContext) -> nn.Module:
         with ctx.timer("generation"):
             noise = torch.randn(target.input_spec.shape(self.config.num_images), generator=ctx.generator())
+        ctx.record_images("calibration", noise)
         return quantize_copy(target, bits, ctx, minmax_policy(self.name), [noise])
 
 
@@ -229,10 +231,11 @@ class PSAQViT(QuantMethod):
     PROFILES = {"ci": {"iterations": 60, "warmup": 12, "dense_batch_size": 8, "dense_iterations": 20}}
     provenance = {
         "weight quantizer": "code-verified: per-output-channel symmetric min-max recomputed every forward, "
-        "scale max|w|/((2^b-1)/2), every Linear and the patch-embed Conv, no 8-bit exception "
-        "(quant_utils.py:31-51, quant_modules.py:58-62)",
+        "scale max|w|/((2^b-1)/2), round(w / s) computed by division as released (not w * (1/s), which "
+        "moves the .5 tie at a channel's extreme), every Linear and the patch-embed Conv, no 8-bit exception "
+        "(quant_utils.py:31-51 and SymmetricQuantFunction, quant_modules.py:58-62)",
         "activation quantizer": "code-verified: per-tensor asymmetric min-max, running min/max over one "
-        "batch, then frozen (quant_utils.py:54-71)",
+        "batch, then frozen; round(x / s + zp) by division (quant_utils.py:54-71 and AsymmetricQuantFunction)",
         "activation placement": "reconstructed: V1's positions mapped onto surgery sites (image, patch-embed "
         "out, pos-embed sum, qkv in/out, pre-softmax scores, proj in/out, residual sums, fc1 in, fc2 in/out, "
         "head in/out, patch-merging in/out); softmax output FP. Not expressible: separate cls-concat and "
@@ -347,6 +350,7 @@ class PSAQViT(QuantMethod):
             return quantize_copy(target, bits, ctx, policy, [])
         with ctx.timer("generation"):
             images = self.generate(target, ctx)
+        ctx.record_images("calibration", images)
         if self.config.save_grid:
             grid = save_image_grid(
                 target.input_spec.denormalize(images), Path(ctx.artifacts_dir) / f"{self.name}_images.png"

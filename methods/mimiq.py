@@ -50,8 +50,10 @@ from methods.synth.pse_generation import frozen_params
 # ---------------------------------------------------------------------------------------------
 # Policy (data)
 
+# ZeroQ's arithmetic, as released: k = (2^b-1)/(2 max|w|), round(k w), then / k (see qfunc.ARITHMETIC)
 MIMIQ_WEIGHT = QuantizerSpec(
-    kind="uniform", symmetric=True, per_channel=True, ch_axis=0, range="dynamic", v1_scale=True
+    kind="uniform", symmetric=True, per_channel=True, ch_axis=0, range="dynamic", v1_scale=True,
+    arith="zeroq",
 )
 MIMIQ_ACT = QuantizerSpec(kind="uniform", symmetric=False, per_channel=False, range="lsq", lsq_init="lsq")
 
@@ -81,15 +83,29 @@ def mimiq_policy(first: tuple[str, str] | None = None) -> Policy:
 
 
 def install_mimiq_quantizers(
-    module: nn.Module, g_scale: float = 1.0, scale_zero_point_grad: bool = False, identity_ste: bool = True
+    module: nn.Module,
+    g_scale: float = 1.0,
+    scale_zero_point_grad: bool = False,
+    identity_ste: bool = True,
+    g_scale_top_level: float | None = None,
 ) -> dict[str, int]:
-    """Swap the policy's LSQ / dynamic quantizers for MimiQ's variants; returns counts per variant."""
-    counts = {"first_batch_lsq": 0, "identity_ste_weight": 0}
+    """Swap the policy's LSQ / dynamic quantizers for MimiQ's variants; returns counts per variant.
 
-    def convert(_path: str, q: FakeQuantizer) -> FakeQuantizer | None:
+    ``g_scale_top_level`` (None = ``g_scale``) goes to the quantizers of layers that are direct children
+    of ``module``: the released ``quantize_model`` passes its ``lsq_g_scale`` argument only to those and
+    recurses without it, so every nested layer gets the default 1.0 (quant_modules.py, quantize_model).
+    """
+    counts = {"first_batch_lsq": 0, "identity_ste_weight": 0, "top_level_g_scale": 0}
+    top = g_scale if g_scale_top_level is None else g_scale_top_level
+
+    def convert(path: str, q: FakeQuantizer) -> FakeQuantizer | None:
         if isinstance(q, LSQQuantizer) and not isinstance(q, FirstBatchLSQQuantizer):
             counts["first_batch_lsq"] += 1
-            return FirstBatchLSQQuantizer(q.spec, q.bits, g_scale, scale_zero_point_grad)
+            layer = path.rpartition(".")[0]  # the Quant module that owns this quantizer
+            top_level = bool(layer) and "." not in layer
+            counts["top_level_g_scale"] += top_level
+            g = top if top_level else g_scale
+            return FirstBatchLSQQuantizer(q.spec, q.bits, g, scale_zero_point_grad)
         if identity_ste and type(q) is UniformQuantizer and q.spec.range == "dynamic":
             counts["identity_ste_weight"] += 1
             return IdentitySTEUniformQuantizer(q.spec, q.bits)
@@ -132,7 +148,10 @@ class MimiQ(QuantMethod):
         color_mean: float = 1.0
         color_std: float = 1.0
         # quantizer (spec 1.2)
-        lsq_g_scale: float = 1.0  # effective value in the released code (see provenance)
+        lsq_g_scale: float = 1.0  # nested layers: the value the released code gives them (see provenance)
+        # layers that are direct children of the model (ViT/DeiT: head, head_dist): main.py's
+        # --lsq_g_scale default reaches only these; 1.0 gives every layer the same scale
+        lsq_g_scale_top_level: float = 0.01
         lsq_scale_zero_point_grad: bool = False
         weight_identity_ste: bool = True
         # fine-tuning (spec 1.4)
@@ -177,12 +196,15 @@ class MimiQ(QuantMethod):
         "inputs, both matmul operands incl. post-softmax A); LN/softmax/GELU/residuals FP; the first layer's "
         "input (image) FP, head at the model's bits (quant_modules.py:860-889, 932-948)",
         "weight quantizer": "code-verified: per-output-channel symmetric min-max recomputed every forward, "
-        "scale (2^b-1)/(2 max|w|), identity straight-through gradient (quant_utils.py:119-147, 207-239; "
+        "inverse step k=(2^b-1)/clamp(2 max|w|, 1e-8), round(k w) / k in ZeroQ's arithmetic (arith='zeroq'), "
+        "identity straight-through gradient (quant_utils.py:119-147, 207-239; "
         "quant_modules.py:318-346)",
         "activation quantizer": "code-verified: per-tensor LSQ, learnable step and zero-point; first batch: "
         "signed window if min<1e-5, step 2 mean|x|/sqrt(qmax), zero-point 0.1 (min - step qmax), gradient "
         "scale 1/sqrt(numel qmax) on the step only (zero-point's scaled copy is overwritten, L214-217); "
-        "lsq_g_scale 1.0 as effective below the top level (quant_modules.py:133-229, 860-864)",
+        "lsq_g_scale as released: 0.01 (main.py's default) on layers that are direct children of the model "
+        "(ViT/DeiT head and head_dist), 1.0 on every nested layer, because quantize_model recurses without "
+        "passing it on (quant_modules.py:133-229, quantize_model; fields lsq_g_scale_top_level, lsq_g_scale)",
         "generation loss": "code-verified: L_IH + CE(random labels) + 2.5e-5 TV on the un-augmented "
         "images; L_IH = mean(1-SSIM^2) of global SSIM between min-max normalised pre-softmax logit maps of "
         "every head pair per query, prefix tokens dropped; Swin per window, per-layer mean "
@@ -330,7 +352,8 @@ class MimiQ(QuantMethod):
         policy = mimiq_policy(first_layer(qmod))
         resolved = apply_policy(qmod, policy, bits)
         counts = install_mimiq_quantizers(
-            qmod, cfg.lsq_g_scale, cfg.lsq_scale_zero_point_grad, cfg.weight_identity_ste
+            qmod, cfg.lsq_g_scale, cfg.lsq_scale_zero_point_grad, cfg.weight_identity_ste,
+            g_scale_top_level=cfg.lsq_g_scale_top_level,
         )
         record = policy.to_dict()
         record["variants"] = {
@@ -353,6 +376,7 @@ class MimiQ(QuantMethod):
             return copy.deepcopy(target.model).eval()
         with ctx.timer("generation"):
             images = self.generate(target, ctx)
+        ctx.record_images("synthetic", images)
         if self.config.save_grid:
             path = Path(ctx.artifacts_dir) / f"{self.name}_images.png"
             grid = save_image_grid(target.input_spec.denormalize(images[:64]), path)

@@ -413,6 +413,8 @@ class PSAQViTV2(QuantMethod):
         ts = self.build(target, bits, ctx, kind, [init])
         ctx.extra.setdefault("psaq_v2", {}).update(discrepancy=kind)
         final = self.adapt(ts, target, bits, ctx, init)
+        ctx.record_images("calibration", init)
+        ctx.record_images("final_round", final)
         if self.config.save_grid:
             art = Path(ctx.artifacts_dir)
             ctx.extra["synthetic_images_init"] = str(

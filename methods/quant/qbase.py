@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from methods.quant.qfunc import (
+    ARITHMETIC,
     channels_first,
     minmax,
     subsample,
@@ -37,6 +38,10 @@ class QuantizerSpec:
     paper's ``step = 2·mean|x|/sqrt(qmax)``, zero-point 0). ``calib_samples``: at most this many values
     are kept per quantizer for percentile / MSE calibration (a uniform random sample).
     ``include_zero`` (addition): widen asymmetric ranges to contain 0 first (see qfunc).
+    ``arith``: how values reach the integer grid (uniform kind only): ``"reciprocal"`` ``x·(1/s)``
+    (fastest; the default), ``"divide"`` ``x/s + zp`` (PSAQ-ViT V1's released code), ``"zeroq"``
+    ``x·((2^b-1)/(2·max|x|))`` and back by division (ZeroQ / MimiQ's released symmetric weights; needs
+    ``v1_scale`` and ``range='dynamic'``). See :data:`methods.quant.qfunc.ARITHMETIC`.
     """
 
     kind: str = "uniform"
@@ -51,6 +56,7 @@ class QuantizerSpec:
     lsq_init: str = "minmax"
     calib_samples: int = 262144
     include_zero: bool = True
+    arith: str = "reciprocal"
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -65,6 +71,13 @@ class QuantizerSpec:
             raise ValueError(f"percentile must be in (0, 100], got {self.percentile}")
         if self.lsq_init not in LSQ_INITS:
             raise ValueError(f"lsq_init {self.lsq_init!r} not in {LSQ_INITS}")
+        if self.arith not in ARITHMETIC:
+            raise ValueError(f"QuantizerSpec.arith {self.arith!r} not in {ARITHMETIC}")
+        if self.arith == "zeroq" and not (self.v1_scale and self.range == "dynamic"):
+            raise ValueError("arith='zeroq' is ZeroQ's dynamic symmetric weight quantizer: set v1_scale=True "
+                             "and range='dynamic'")
+        if self.arith != "reciprocal" and (self.kind != "uniform" or self.range == "lsq"):
+            raise ValueError("arith applies to uniform non-LSQ quantizers (LSQ always divides)")
         if self.mse_grid < 1 or not 0.0 < self.mse_min_ratio <= 1.0:
             raise ValueError("mse_grid must be >= 1 and mse_min_ratio in (0, 1]")
 

@@ -196,6 +196,83 @@ def fake_quant_affine(x: torch.Tensor, inv, s, lo, hi) -> torch.Tensor:
     return _fq_nograd(x, inv, s, lo, hi, pooled=True)
 
 
+# How x reaches the integer grid. The three agree in exact arithmetic; in float32 they differ where
+# x/scale lands on a .5 tie (a symmetric channel's extreme value does: it maps to 2^(b-1) - 0.5), so a
+# mode that claims to follow released code must use that code's arithmetic.
+ARITHMETIC = ("reciprocal", "divide", "zeroq")
+
+
+class _GridSTE(torch.autograd.Function):
+    """``fn(x)`` forward; backward passes the gradient where ``qmin <= grid(x) <= qmax``."""
+
+    @staticmethod
+    def forward(ctx, x, fn, grid, qmin, qmax):
+        ctx.save_for_backward(x)
+        ctx.consts = (grid, qmin, qmax)
+        with torch.no_grad():
+            return fn(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x = ctx.saved_tensors[0]
+        grid, qmin, qmax = ctx.consts
+        r = grid(x)
+        return grad * ((r >= qmin) & (r <= qmax)), None, None, None, None
+
+
+def _broadcast(x: torch.Tensor, t: torch.Tensor, axis: int | None) -> torch.Tensor:
+    """``t`` (shape (1,) or (C,)) as a float tensor broadcasting against x; never a 0-dim scalar,
+    so that ``x / t`` is a true elementwise division as in the released code."""
+    return t.to(device=x.device, dtype=x.dtype).view(bshape(x.dim(), axis, t.numel()))
+
+
+def fake_quant_divide(
+    x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int, qmax: int,
+    axis: int | None = None,
+) -> torch.Tensor:
+    """PSAQ-ViT V1's arithmetic (quant_utils.py, SymmetricQuantFunction / AsymmetricQuantFunction):
+    ``(clamp(round(x / s + zp), qmin, qmax) - zp) · s``, with the masked STE."""
+    s, zp = _broadcast(x, scale, axis), _broadcast(x, zero_point, axis)
+    has_zp = bool(zero_point.any())
+
+    def grid(v: torch.Tensor) -> torch.Tensor:
+        y = v / s
+        return (y + zp if has_zp else y).round_()
+
+    def fn(v: torch.Tensor) -> torch.Tensor:
+        q = grid(v).clamp_(qmin, qmax)
+        return (q.sub_(zp) if has_zp else q).mul_(s)
+
+    if torch.is_grad_enabled() and x.requires_grad:
+        return _GridSTE.apply(x, fn, grid, qmin, qmax)
+    return fn(x)
+
+
+ZEROQ_RANGE_EPS = 1e-8  # ZeroQ clamps the symmetric range 2·max|x| at 1e-8 (not the scale at float eps)
+
+
+def fake_quant_zeroq(
+    x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, bits: int, axis: int | None = None
+) -> torch.Tensor:
+    """ZeroQ's symmetric arithmetic, used by MimiQ's weights (quant_utils.py,
+    symmetric_linear_quantization_params / linear_quantize / linear_dequantize): an inverse step
+    ``k = (2^b-1) / clamp(2·max(-lo, hi), 1e-8)``, ``clamp(round(k·x), -2^(b-1), 2^(b-1)-1) / k``,
+    with the masked STE."""
+    qmin, qmax = int_range(bits, True)
+    m = torch.maximum(-lo.float(), hi.float())
+    k = _broadcast(x, (2**bits - 1) / torch.clamp(2 * m, min=ZEROQ_RANGE_EPS), axis)
+
+    def grid(v: torch.Tensor) -> torch.Tensor:
+        return torch.round(k * v)
+
+    def fn(v: torch.Tensor) -> torch.Tensor:
+        return grid(v).clamp_(qmin, qmax).div_(k)
+
+    if torch.is_grad_enabled() and x.requires_grad:
+        return _GridSTE.apply(x, fn, grid, qmin, qmax)
+    return fn(x)
+
+
 def channels_first(x: torch.Tensor, axis: int) -> torch.Tensor:
     """View/copy of x as (C, M) with the channel axis first."""
     axis %= x.dim()

@@ -37,6 +37,8 @@ from methods.quant.qfunc import (
     bshape,
     fake_quant,
     fake_quant_affine,
+    fake_quant_divide,
+    fake_quant_zeroq,
     int_range,
     log2_fake_quant,
     minmax,
@@ -66,12 +68,18 @@ class UniformQuantizer(FakeQuantizer):
 
     def quantize(self, x: torch.Tensor) -> torch.Tensor:
         qmin, qmax = self.qrange
+        arith = self.spec.arith
         if self.spec.range == "dynamic":
             lo, hi = minmax(x.detach(), self.axis)
+            if arith == "zeroq":
+                return fake_quant_zeroq(x, lo, hi, self.bits, self.axis)
             s, z = self._uniform_params(lo, hi)
-            return fake_quant(x, s, z, qmin, qmax, self.axis)
+            quant = fake_quant_divide if arith == "divide" else fake_quant
+            return quant(x, s, z, qmin, qmax, self.axis)
         if not self.initialized:
             self._init_from(x.detach())
+        if arith == "divide":
+            return fake_quant_divide(x, self.scale, self.zero_point, qmin, qmax, self.axis)
         if self.axis is not None:
             return fake_quant(x, self.scale, self.zero_point, qmin, qmax, self.axis)
         # per tensor: cache the Python-float constants (saves a tensor->float sync per call)

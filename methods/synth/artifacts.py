@@ -38,6 +38,14 @@ def cache_key(method: str, model: str, config: Any, seed: int, **extra: Any) -> 
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
+def tensor_sha256(t: Tensor) -> str:
+    """SHA-256 of a tensor's dtype, shape and values (CPU, contiguous): equal iff bit-identical."""
+    t = t.detach().cpu().contiguous()
+    h = hashlib.sha256(f"{t.dtype}{tuple(t.shape)}".encode())
+    h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
 def cached_tensor(path: Path, make: Callable[[], Tensor]) -> tuple[Tensor, bool]:
     """Load ``path`` if it exists, else ``make()`` and save it atomically. Returns (tensor, was_cached)."""
     if path.exists():
