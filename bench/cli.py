@@ -288,11 +288,17 @@ def cmd_regress(args: argparse.Namespace) -> int:
         )
     jobs = plan.jobs()
     scope = [j.job_id for j in jobs] if partial else None
+    # Metrics are bit-identical only for one machine, kernel path and thread count: say which ran.
+    print(f"regress: CPU capability {torch.backends.cpu.get_cpu_capability()}"
+          f"{' (ATEN_CPU_CAPABILITY=' + os.environ['ATEN_CPU_CAPABILITY'] + ')' if os.environ.get('ATEN_CPU_CAPABILITY') else ''}"
+          f", {torch.get_num_threads()} torch threads, device {plan.device}")
     with contextlib.ExitStack() as stack:
         root = args.results or stack.enter_context(tempfile.TemporaryDirectory(prefix="vitq-regress-"))
         store = ResultStore(root)
         summary = run_jobs(jobs, store, plan.tasks, plan.device, force=args.force)
-        observed = {r.job.job_id: r.record["metrics"] for r in summary.results if r.record is not None}
+        done = [r for r in summary.results if r.record is not None]
+        observed = {r.job.job_id: r.record["metrics"] for r in done}
+        eval_sizes = {r.job.job_id: (r.record.get("data") or {}).get("eval_images") for r in done}
     _print_summary(summary, f"in {store.runs_dir}" if args.results else "in a temp dir (removed)")
     comparison = rg.compare(golden or {"results": {}}, observed, scope)
     if golden is not None:  # a first --update has nothing to compare with
@@ -309,10 +315,12 @@ def cmd_regress(args: argparse.Namespace) -> int:
         rg.write_golden(
             golden_path,
             rg.updated_golden(
-                golden, observed, dataset=plan.dataset, profile=plan.profile, environment=info, scope=scope
+                golden, observed, dataset=plan.dataset, profile=plan.profile, environment=info,
+                eval_sizes=eval_sizes, scope=scope,
             ),
         )
-        print(f"updated {golden_path} ({len(observed)} jobs)")
+        print(f"updated {golden_path} ({len(observed)} jobs); one run measures no spread, so the new cells' "
+              "tolerances are the rule's floor: derive them with scripts/derive_golden.py")
         return 0
     print(comparison.summary())
     return 1 if comparison.failed else 0

@@ -7,6 +7,7 @@ only the device part depends on the job.
 from __future__ import annotations
 
 import functools
+import os
 import platform
 import subprocess
 import sys
@@ -78,5 +79,9 @@ def environment(device: torch.device) -> dict[str, Any]:
     env["device"] = str(device)
     env["device_name"] = device_name(device)
     env["torch_threads"] = torch.get_num_threads()
+    # the CPU kernel path (ATEN_CPU_CAPABILITY=default|avx2|avx512 selects one): metrics of methods that
+    # optimise images are bit-identical only for the same path and thread count
+    env["cpu_capability"] = torch.backends.cpu.get_cpu_capability()
+    env["aten_cpu_capability_env"] = os.environ.get("ATEN_CPU_CAPABILITY")
     env["cuda"] = torch.version.cuda if device.type == "cuda" else None
     return env

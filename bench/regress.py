@@ -1,20 +1,21 @@
 """Golden-file regression: compare a fresh mini/ci grid with committed metrics.
 
-Golden file (JSON)::
+Golden file (JSON, schema 2)::
 
     {
-      "schema": 1,
-      "dataset": "mini", "profile": "ci",
-      "tolerance": {"top1": 0.5, "top5": 0.5},      # absolute, per metric ("*" = default)
-      "results": {"cls/mini-vit/psaq-vit/w4a4/0": {"top1": 71.3, "top5": 97.9}, ...},
-      "environment": {...},                           # where the golden numbers were produced (info)
-      "updated": "2025-01-01T00:00:00+00:00"
+      "schema": 2, "dataset": "mini", "profile": "ci",
+      "rule": {"seed_k": 3.0, "kernel_k": 2.0, "floor_se": 0.5, "text": "..."},
+      "results": {"cls/mini-vit/psaq-vit/w4a4/0": {"top1": {"value": 74.3, "tolerance": 6.1,
+                   "floor": 0.36, "seed_values": [...], "seed_std": 1.2, "kernel_values": {...},
+                   "kernel_dev": 2.9, "eval_n": 2000, "gap": 13.1, "useful": true}, ...}, ...},
+      "environment": {...}, "updated": "..."
     }
 
-Job ids are ``task/model/method/bits/seed``. A metric that moves by more than its
-tolerance (either direction: a stale golden file hides the next real regression),
-a golden job the run did not produce, or a produced job the golden file lacks,
-is a failure.
+Each metric of each golden job carries its own tolerance and the inputs it was derived from
+(:class:`ToleranceRule`; ``scripts/derive_golden.py`` measures the spread and writes the file). A
+metric that moves by more than its tolerance (either direction: a stale golden file hides the next real
+regression), a golden job the run did not produce, or a produced job the golden file lacks, is a
+failure. Job ids are ``task/model/method/bits/seed``.
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ from __future__ import annotations
 import datetime as dt
 import json
 import math
-from collections.abc import Iterable, Mapping
+import statistics
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,9 +33,70 @@ from tabulate import tabulate
 
 from bench.store import atomic_write_json
 
-GOLDEN_SCHEMA = 1
-DEFAULT_TOLERANCE = 0.5  # percentage points, for metrics a new golden file has not seen before
+GOLDEN_SCHEMA = 2
 EPS = 1e-9  # float noise never counts as movement
+
+
+@dataclass(frozen=True)
+class ToleranceRule:
+    """``tolerance = max(floor, seed_k · seed std, kernel_k · kernel deviation)``.
+
+    * floor: ``floor_se`` binomial standard errors of the metric on the evaluation set,
+      ``100·sqrt(p(1-p)/n)`` with ``p`` = the golden value / 100 and ``n`` = evaluation images: a move
+      smaller than that says nothing about which images happened to be in the set;
+    * seed std: sample std (n-1) of the cell over the measured seeds at the ci profile;
+    * kernel deviation: the largest |value - golden| of seed 0 over the other CPU kernel paths and
+      thread counts measured (``ATEN_CPU_CAPABILITY=default|avx2|native``), i.e. what another machine's
+      kernels did to this very job.
+    """
+
+    seed_k: float = 3.0
+    kernel_k: float = 2.0
+    floor_se: float = 0.5
+
+    def text(self) -> str:
+        return (f"tolerance = max(floor, {self.seed_k:g} x seed std, {self.kernel_k:g} x kernel deviation); "
+                f"floor = {self.floor_se:g} x 100 sqrt(p(1-p)/n) (p = golden value / 100, n = eval images); "
+                "seed std over the measured seeds; kernel deviation = max |seed-0 value under another "
+                "ATEN_CPU_CAPABILITY / thread count - golden|")
+
+    def floor(self, value: float, eval_n: int | None) -> float:
+        if not eval_n:
+            return 0.0
+        p = min(max(value / 100.0, 0.5 / eval_n), 1.0 - 0.5 / eval_n)
+        return self.floor_se * 100.0 * math.sqrt(p * (1.0 - p) / eval_n)
+
+    def cell(
+        self,
+        value: float,
+        eval_n: int | None,
+        seed_values: Sequence[float] = (),
+        kernel_values: Mapping[str, float] | None = None,
+    ) -> dict[str, Any]:
+        """A golden cell: the value, its tolerance, and every input of the rule."""
+        floor = self.floor(value, eval_n)
+        seed_std = statistics.stdev(seed_values) if len(seed_values) > 1 else None
+        kernel_values = dict(kernel_values or {})
+        kernel_dev = max((abs(v - value) for v in kernel_values.values()), default=None)
+        tol = max(floor, self.seed_k * (seed_std or 0.0), self.kernel_k * (kernel_dev or 0.0))
+        return {
+            "value": value,
+            "tolerance": round(tol, 4),
+            "floor": round(floor, 4),
+            "eval_n": eval_n,
+            "seed_values": list(seed_values),
+            "seed_std": None if seed_std is None else round(seed_std, 4),
+            "kernel_values": kernel_values,
+            "kernel_dev": None if kernel_dev is None else round(kernel_dev, 4),
+        }
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"seed_k": self.seed_k, "kernel_k": self.kernel_k, "floor_se": self.floor_se, "text": self.text()}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any] | None) -> ToleranceRule:
+        d = d or {}
+        return cls(**{k: float(d[k]) for k in ("seed_k", "kernel_k", "floor_se") if k in d})
 
 
 @dataclass
@@ -105,10 +168,6 @@ def _fmt(v: float | None) -> str:
     return "" if v is None else f"{v:.4f}"
 
 
-def tolerance_for(tolerances: Mapping[str, float], metric: str) -> float:
-    return float(tolerances.get(metric, tolerances.get("*", 0.0)))
-
-
 def compare(
     golden: Mapping[str, Any], observed: Mapping[str, Mapping[str, float]], scope: Iterable[str] | None = None
 ) -> Comparison:
@@ -117,8 +176,7 @@ def compare(
     ``scope`` (job ids) limits the check to part of the golden grid (a filtered run);
     ``None`` means the run was the full grid, so any golden job not observed is missing.
     """
-    tol = golden.get("tolerance", {})
-    expected: Mapping[str, Mapping[str, float]] = golden.get("results", {})
+    expected: Mapping[str, Mapping[str, Mapping[str, Any]]] = golden.get("results", {})
     if scope is not None:
         scope = set(scope)
         expected = {k: v for k, v in expected.items() if k in scope}
@@ -126,17 +184,17 @@ def compare(
     for job_id in sorted(set(expected) | set(observed)):
         exp, obs = expected.get(job_id), observed.get(job_id)
         if obs is None:
-            rows += [Row(job_id, m, v, None, tolerance_for(tol, m), "missing-job") for m, v in exp.items()]
+            rows += [Row(job_id, m, c["value"], None, c["tolerance"], "missing-job") for m, c in exp.items()]
             continue
         if exp is None:
             rows += [Row(job_id, m, None, v, None, "extra-job") for m, v in obs.items()]
             continue
         for metric in sorted(set(exp) | set(obs)):
-            g, o = exp.get(metric), obs.get(metric)
-            t = tolerance_for(tol, metric)
+            cell, o = exp.get(metric), obs.get(metric)
+            g, t = (cell["value"], float(cell["tolerance"])) if cell is not None else (None, None)
             if o is None:
                 status = "missing-metric"
-            elif g is None:
+            elif g is None or t is None:
                 status = "extra-metric"
             elif math.isnan(o) or abs(o - g) > t + EPS:
                 status = "regressed" if math.isnan(o) or o < g else "improved"
@@ -152,8 +210,11 @@ def load_golden(path: str | Path) -> dict[str, Any]:
     data = json.loads(Path(path).read_text(encoding="utf-8"))
     if not isinstance(data, dict) or "results" not in data:
         raise ValueError(f"{path}: not a golden file (no 'results')")
-    if data.get("schema", GOLDEN_SCHEMA) != GOLDEN_SCHEMA:
-        raise ValueError(f"{path}: golden schema {data.get('schema')} is not {GOLDEN_SCHEMA}")
+    if data.get("schema") != GOLDEN_SCHEMA:
+        raise ValueError(
+            f"{path}: golden schema {data.get('schema')} is not {GOLDEN_SCHEMA} (per-cell tolerances); "
+            "re-derive it with scripts/derive_golden.py"
+        )
     return data
 
 
@@ -164,27 +225,27 @@ def updated_golden(
     dataset: str,
     profile: str,
     environment: Mapping[str, Any],
+    eval_sizes: Mapping[str, int | None] | None = None,
     scope: Iterable[str] | None = None,
 ) -> dict[str, Any]:
     """The golden file after ``--update``: a full run replaces every entry, a filtered one merges.
 
-    Existing tolerances are kept; metrics never seen before get DEFAULT_TOLERANCE.
+    One run measures no spread, so the new cells get the rule's floor as their tolerance (and say so:
+    no seed or kernel inputs); ``scripts/derive_golden.py`` derives the real ones.
     """
     prev = previous or {}
+    rule = ToleranceRule.from_dict(prev.get("rule"))
     results = (
         {} if scope is None else {k: v for k, v in prev.get("results", {}).items() if k not in set(scope)}
     )
-    results.update({k: dict(v) for k, v in observed.items()})
-    tolerance = dict(prev.get("tolerance", {}))
-    for metrics in results.values():
-        for m in metrics:
-            if m not in tolerance and "*" not in tolerance:
-                tolerance[m] = DEFAULT_TOLERANCE
+    sizes = eval_sizes or {}
+    for job_id, metrics in observed.items():
+        results[job_id] = {m: rule.cell(float(v), sizes.get(job_id)) for m, v in sorted(metrics.items())}
     return {
         "schema": GOLDEN_SCHEMA,
         "dataset": dataset,
         "profile": profile,
-        "tolerance": dict(sorted(tolerance.items())),
+        "rule": rule.to_dict(),
         "results": dict(sorted(results.items())),
         "environment": dict(environment),
         "updated": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),

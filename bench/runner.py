@@ -118,6 +118,8 @@ def _measure(job: Job, task: Task, method: Any, ctx: RunContext) -> dict[str, An
         t2 = time.perf_counter()
         metrics = {k: float(v) for k, v in task.evaluate(qmodel, job.dataset, ctx.device).items()}
         t3 = time.perf_counter()
+        info = getattr(task, "dataset_info", None)
+        data = jsonable(info(job.dataset, model=job.model)) if callable(info) else None
         return dict(
             target=target,
             qmodel=qmodel,
@@ -125,6 +127,7 @@ def _measure(job: Job, task: Task, method: Any, ctx: RunContext) -> dict[str, An
             load=t1 - t0,
             quantize=t2 - t1,
             evaluation=t3 - t2,
+            data=data,
             peak_mb=memory.read_mb(),
             memory_method=memory.method,
         )
@@ -213,6 +216,7 @@ def run_job(
             "provenance": dict(getattr(method_cls, "provenance", {})),
         },
         "environment": environment(device),
+        "data": m["data"],  # the task's dataset_info: eval / calibration set sizes and provenance
         "synthetic_sha256": dict(ctx.image_hashes),
         "extra": extra,
         "notes": [*ctx.notes, *notes],

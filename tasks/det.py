@@ -262,7 +262,9 @@ class DenseTaskBase:
     def _metric_cfg(self, cfg, dataset: str) -> dict: ...
     def _metrics(self, raw: dict[str, float]) -> dict[str, float]: ...
 
-    def dataset_info(self, dataset: str) -> dict[str, Any]:
+    def dataset_info(self, dataset: str, model: str | None = None) -> dict[str, Any]:
+        """Sizes and location of the evaluation / calibration data (``model``: unused, every model of the
+        task sees the same data)."""
         cfg = self._current_cfg(dataset)
         ds = self._eval_dataset(cfg, dataset)
         return {"name": self._dataset_name(dataset), "eval_images": len(ds),
