@@ -39,6 +39,10 @@ PLUGIN_ENV = "VITQ_BENCH_PLUGINS"
 GOLDEN_DEFAULT = "results/golden/mini.json"
 # The grid the golden file covers (mini dataset, ci profile): `bench regress` without selection flags.
 REGRESS_GRID = {"methods": "all", "tasks": "cls,det,seg", "bits": DEFAULT_BITS, "seeds": "0"}
+# Seeds when --seeds is not given. Mini: at 4 bits the data-free methods' seed std is a point or more
+# (results/golden/spread.md), so one seed cannot rank them; three give the tables a mean ± std and a
+# Welch test. Full runs cost GPU-hours per job: one seed unless asked.
+DEFAULT_SEEDS = {"mini": "0,1,2", "full": "0"}
 
 
 class UsageError(Exception):
@@ -151,6 +155,8 @@ def plan_from_args(args: argparse.Namespace) -> Plan:
         raise UsageError(str(e)) from e
     if not bits:
         raise UsageError("--bits is empty")
+    if args.seeds is None:
+        args.seeds = DEFAULT_SEEDS.get(args.dataset, "0")
     try:
         seeds = [int(s) for s in _split(args.seeds)]
     except ValueError as e:
@@ -289,9 +295,10 @@ def cmd_regress(args: argparse.Namespace) -> int:
     jobs = plan.jobs()
     scope = [j.job_id for j in jobs] if partial else None
     # Metrics are bit-identical only for one machine, kernel path and thread count: say which ran.
+    forced = os.environ.get("ATEN_CPU_CAPABILITY")
     print(f"regress: CPU capability {torch.backends.cpu.get_cpu_capability()}"
-          f"{' (ATEN_CPU_CAPABILITY=' + os.environ['ATEN_CPU_CAPABILITY'] + ')' if os.environ.get('ATEN_CPU_CAPABILITY') else ''}"
-          f", {torch.get_num_threads()} torch threads, device {plan.device}")
+          + (f" (ATEN_CPU_CAPABILITY={forced})" if forced else "")
+          + f", {torch.get_num_threads()} torch threads, device {plan.device}")
     with contextlib.ExitStack() as stack:
         root = args.results or stack.enter_context(tempfile.TemporaryDirectory(prefix="vitq-regress-"))
         store = ResultStore(root)
@@ -399,7 +406,8 @@ def _grid_args(p: argparse.ArgumentParser, regress: bool) -> None:
     p.add_argument(
         "--bits", default=d(DEFAULT_BITS), help=f"comma-separated bit specs (default: {DEFAULT_BITS})"
     )
-    p.add_argument("--seeds", default=d("0"), help="comma-separated seeds (default: 0)")
+    p.add_argument("--seeds", default=None, help="comma-separated seeds (default: 0 for regress; "
+                   + ", ".join(f"{v} for --dataset {k}" for k, v in DEFAULT_SEEDS.items()) + " for run)")
     p.add_argument("--force", action="store_true", help="rerun jobs whose record exists (overwrites it)")
     p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N (default: cpu)")
     p.add_argument("--data-root", default=None, help="root of the full datasets (default: $VITQ_DATA)")

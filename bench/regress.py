@@ -91,7 +91,8 @@ class ToleranceRule:
         }
 
     def to_dict(self) -> dict[str, Any]:
-        return {"seed_k": self.seed_k, "kernel_k": self.kernel_k, "floor_se": self.floor_se, "text": self.text()}
+        return {"seed_k": self.seed_k, "kernel_k": self.kernel_k, "floor_se": self.floor_se,
+                "text": self.text()}
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any] | None) -> ToleranceRule:

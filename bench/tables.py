@@ -24,6 +24,13 @@ from methods.quant.bits import BitSpecError, parse_bits
 FORMATS = ("md", "csv", "tex")
 MINI_NOTE = "Mini-dataset results: regression baselines for CI on the mini data, not paper numbers."
 CELL_NOTE = "Cells: value (Δ to FP); mean ± std (sample std, n-1) over seeds when there are several."
+NOISE_ALPHA = 0.05
+BEST_MARK, TIE_MARK = "*", "~"
+NOISE_NOTE = (
+    f"Per column, {BEST_MARK} marks the highest mean and {TIE_MARK} a method whose difference from it is "
+    f"within noise: Welch's t-test over seeds, two-sided p >= {NOISE_ALPHA} (equal means if both have zero "
+    "spread). Cells with fewer than 2 seeds carry no mark: one run cannot be compared."
+)
 MISSING = "—"
 
 
@@ -66,6 +73,32 @@ def format_cell(values: Sequence[float], fp: float | None) -> str:
     return text
 
 
+def within_noise(a: Sequence[float], b: Sequence[float], alpha: float = NOISE_ALPHA) -> bool | None:
+    """Is the difference of the means of ``a`` and ``b`` within noise (Welch's t-test, p >= alpha)?
+    None when either has fewer than 2 values."""
+    if len(a) < 2 or len(b) < 2:
+        return None
+    sa, sb = statistics.stdev(a), statistics.stdev(b)
+    if sa == 0.0 and sb == 0.0:
+        return statistics.fmean(a) == statistics.fmean(b)
+    from scipy.stats import ttest_ind  # local import: only tables with seeds need it
+
+    return bool(ttest_ind(a, b, equal_var=False).pvalue >= alpha)
+
+
+def noise_marks(cells: dict[str, list[float]]) -> dict[str, str]:
+    """Per method of one column: BEST_MARK for the highest mean, TIE_MARK within noise of it, else ""."""
+    tested = {m: v for m, v in cells.items() if len(v) >= 2}
+    if len(tested) < 2:
+        return {}
+    best = max(tested, key=lambda m: statistics.fmean(tested[m]))
+    marks = {best: BEST_MARK}
+    for m, v in tested.items():
+        if m != best and within_noise(v, tested[best]):
+            marks[m] = TIE_MARK
+    return marks
+
+
 def signed(delta: float) -> str:
     """``+1.23`` / ``-1.23``; a difference that rounds to zero is ``+0.00``, never ``-0.00``."""
     return f"{0.0 if abs(delta) < 0.005 else delta:+.2f}"
@@ -99,13 +132,18 @@ def build_table(df: pd.DataFrame, metric: str) -> pd.DataFrame:
     for model in models:
         fp = fp_ref[model]
         table[f"{model} FP"] = MISSING if fp is None else f"{fp:.2f}"
+        column: dict[str, dict[str, list[float]]] = {}
         for (method, b), cell in df[(df["label"] == model) & (df["method"] != FP_METHOD)].groupby(
             ["method", "bits"]
         ):
             ref = cell["fpv"].dropna()
-            table.loc[method, f"{model} {b}"] = format_cell(
-                cell[col].tolist(), statistics.fmean(ref) if len(ref) else None
-            )
+            values = [float(v) for v in cell[col].tolist() if v is not None and not math.isnan(v)]
+            column.setdefault(b, {})[method] = values
+            fp_mean = statistics.fmean(ref) if len(ref) else None
+            table.loc[method, f"{model} {b}"] = format_cell(values, fp_mean)
+        for b, cells in column.items():
+            for method, mark in noise_marks(cells).items():
+                table.loc[method, f"{model} {b}"] += f" {mark}"
     return table
 
 
@@ -158,7 +196,8 @@ def render(df: pd.DataFrame, task: str, dataset: str, formats: Sequence[str] = F
             flat.insert(0, "dataset", dataset)
             flat.insert(0, "task", task)
             csv_parts.append(flat)
-    md.append(f"_{CELL_NOTE}_\n")
+    md.append(f"_{CELL_NOTE} {NOISE_NOTE}_\n")
+    tex.append(f"% {CELL_NOTE} {NOISE_NOTE}")
     out: dict[str, str] = {}
     if "md" in formats:
         out["md"] = "\n".join(md)

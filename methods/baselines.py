@@ -35,7 +35,8 @@ PTQ_ACT = QuantizerSpec(kind="uniform", symmetric=False, per_channel=False, rang
 # V1 weights: symmetric per output channel, min-max recomputed at every forward, scale max|w|/((2^b-1)/2)
 # V1 divides (x / s + zp), as its released quant_utils.py does; x * (1/s) moves .5 ties (see qfunc).
 V1_WEIGHT = QuantizerSpec(
-    kind="uniform", symmetric=True, per_channel=True, ch_axis=0, range="dynamic", v1_scale=True, arith="divide"
+    kind="uniform", symmetric=True, per_channel=True, ch_axis=0, range="dynamic", v1_scale=True,
+    arith="divide",
 )
 V1_ACT = QuantizerSpec(kind="uniform", symmetric=False, per_channel=False, range="minmax", arith="divide")
 
@@ -235,7 +236,8 @@ class PSAQViT(QuantMethod):
         "moves the .5 tie at a channel's extreme), every Linear and the patch-embed Conv, no 8-bit exception "
         "(quant_utils.py:31-51 and SymmetricQuantFunction, quant_modules.py:58-62)",
         "activation quantizer": "code-verified: per-tensor asymmetric min-max, running min/max over one "
-        "batch, then frozen; round(x / s + zp) by division (quant_utils.py:54-71 and AsymmetricQuantFunction)",
+        "batch, then frozen; round(x / s + zp) by division (quant_utils.py:54-71 and "
+        "AsymmetricQuantFunction)",
         "activation placement": "reconstructed: V1's positions mapped onto surgery sites (image, patch-embed "
         "out, pos-embed sum, qkv in/out, pre-softmax scores, proj in/out, residual sums, fc1 in, fc2 in/out, "
         "head in/out, patch-merging in/out); softmax output FP. Not expressible: separate cls-concat and "

@@ -168,8 +168,8 @@ def test_run_then_resume_then_tables(tmp_path, fakes, capsys):
     out = tmp_path / "res"
     assert cli.main(["run", "--tasks", "toy", "--bits", "w4a4", "--results", str(out)]) == 0
     stdout = capsys.readouterr().out
-    # --methods all = fp + toy-ptq + toy-dfq; 2 models; fp once per model.
-    assert "6 jobs: 6 run, 0 cached, 0 failed" in stdout
+    # --methods all = fp + toy-ptq + toy-dfq; 2 models; fp once per model; the mini default is seeds 0,1,2.
+    assert "14 jobs: 14 run, 0 cached, 0 failed" in stdout
     assert "### toy · mini · top1 (profile ci)" in stdout and "not paper numbers" in stdout
     assert sorted(p.name for p in (out / "tables").iterdir()) == [
         "toy_mini.csv",
@@ -178,7 +178,7 @@ def test_run_then_resume_then_tables(tmp_path, fakes, capsys):
     ]
     CALLS.clear()
     assert cli.main(["run", "--tasks", "toy", "--bits", "w4a4", "--results", str(out)]) == 0
-    assert "6 jobs: 0 run, 6 cached, 0 failed" in capsys.readouterr().out and sum(CALLS.values()) == 0
+    assert "14 jobs: 0 run, 14 cached, 0 failed" in capsys.readouterr().out and sum(CALLS.values()) == 0
 
     assert cli.main(["tables", "--results", str(out), "--format", "md"]) == 0
     assert "| toy-ptq" in capsys.readouterr().out
@@ -189,7 +189,8 @@ def test_run_then_resume_then_tables(tmp_path, fakes, capsys):
 
 def test_quant_scope_is_a_recorded_task_option(tmp_path, fakes, capsys):
     out = tmp_path / "res"
-    base = ["run", "--tasks", "toy", "--models", "toy-a", "--methods", "fp,toy-ptq", "--bits", "w4a4"]
+    base = ["run", "--tasks", "toy", "--models", "toy-a", "--methods", "fp,toy-ptq", "--bits", "w4a4",
+            "--seeds", "0"]
     assert cli.main([*base, "--results", str(out)]) == 0
     default_keys = {r["key"] for r in ResultStore(out).records()}
     # the default scope named explicitly is the same job (same keys: everything cached)
@@ -211,7 +212,8 @@ def test_quant_scope_is_a_recorded_task_option(tmp_path, fakes, capsys):
 
 def test_method_args_set_config_fields_and_get_their_own_rows(tmp_path, fakes, capsys):
     out = tmp_path / "res"
-    base = ["run", "--tasks", "toy", "--models", "toy-a", "--methods", "toy-ptq", "--bits", "w4a4"]
+    base = ["run", "--tasks", "toy", "--models", "toy-a", "--methods", "toy-ptq", "--bits", "w4a4",
+            "--seeds", "0"]
     assert cli.main([*base, "--results", str(out)]) == 0
     args = "calib_size=2,clip=1,layers=(fc,head)"
     assert cli.main([*base, "--method-args", args, "--results", str(out)]) == 0
@@ -261,6 +263,8 @@ def test_failed_job_gives_exit_1(tmp_path, monkeypatch, capsys):
             "toy-broken,toy-dfq",
             "--bits",
             "w8a8",
+            "--seeds",
+            "0",
             "--results",
             str(tmp_path),
         ]
@@ -329,36 +333,50 @@ def _edit_golden(tmp_path, fn):
     path.write_text(json.dumps(data))
 
 
+def _set_cell(tmp_path, job, metric, **fields):
+    _edit_golden(tmp_path, lambda d: d["results"][job][metric].update(fields))
+
+
 def test_regress_update_then_pass_then_detect(tmp_path, fakes, capsys):
     assert _full_regress(tmp_path) == 2  # no golden file yet
     assert "create it with" in capsys.readouterr().err
     assert _full_regress(tmp_path, "--update") == 0
+    assert "derive them with scripts/derive_golden.py" in capsys.readouterr().out
     golden = json.loads((tmp_path / "golden.json").read_text())
-    assert golden["tolerance"] == {"top1": 0.5, "top5": 0.5}
-    assert golden["dataset"] == "mini" and golden["profile"] == "ci" and golden["schema"] == 1
+    assert golden["dataset"] == "mini" and golden["profile"] == "ci" and golden["schema"] == 2
+    assert golden["rule"]["seed_k"] == 3.0 and "tolerance = max(floor" in golden["rule"]["text"]
     # 2 models x (fp + 2 methods x 4 default bits) = 18 jobs with readable ids.
     assert len(golden["results"]) == 18 and "toy/toy-a/toy-ptq/w4a4/0" in golden["results"]
-    capsys.readouterr()
+    cell = golden["results"]["toy/toy-a/toy-ptq/w4a4/0"]["top1"]
+    # one run: no spread measured, the tolerance is the floor (the toy task reports no eval size: 0)
+    assert cell["seed_values"] == [] and cell["kernel_values"] == {} and cell["tolerance"] == cell["floor"]
 
+    out = capsys.readouterr().out
     assert _full_regress(tmp_path) == 0
-    assert "no metric moved" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "no metric moved" in out and "torch threads" in out and "CPU capability" in out
 
     job = "toy/toy-b/toy-dfq/w6a6/0"
-    value = golden["results"][job]["top1"]
-    _edit_golden(tmp_path, lambda d: d["results"][job].update(top1=value + 0.3))  # within 0.5
+    value = golden["results"][job]["top1"]["value"]
+    _set_cell(tmp_path, job, "top1", value=value + 0.3, tolerance=0.5)  # within 0.5
     assert _full_regress(tmp_path) == 0
     out = capsys.readouterr().out
     assert job in out and "within" in out and "PASS" in out
 
-    _edit_golden(tmp_path, lambda d: d["tolerance"].update(top1=0.1))  # same move, tighter tolerance
+    _set_cell(tmp_path, job, "top1", tolerance=0.1)  # same move, tighter tolerance
     assert _full_regress(tmp_path) == 1
     out = capsys.readouterr().out
     assert "regressed" in out and "FAIL" in out
 
-    _edit_golden(tmp_path, lambda d: d["tolerance"].update(top1=0.5))
-    _edit_golden(tmp_path, lambda d: d["results"][job].update(top1=value - 2.0))
+    _set_cell(tmp_path, job, "top1", value=value - 2.0, tolerance=0.5)
     assert _full_regress(tmp_path) == 1
     assert "improved" in capsys.readouterr().out  # better than golden beyond tolerance: stale golden, fail
+
+
+def test_regress_rejects_an_old_golden_schema(tmp_path, fakes, capsys):
+    (tmp_path / "golden.json").write_text(json.dumps({"schema": 1, "results": {}}))
+    assert _full_regress(tmp_path) == 2
+    assert "derive_golden.py" in capsys.readouterr().err
 
 
 def test_regress_missing_and_extra_jobs(tmp_path, fakes, capsys):
@@ -367,7 +385,8 @@ def test_regress_missing_and_extra_jobs(tmp_path, fakes, capsys):
     assert _full_regress(tmp_path) == 1
     assert "extra-job" in capsys.readouterr().out
     assert _full_regress(tmp_path, "--update") == 0
-    _edit_golden(tmp_path, lambda d: d["results"].update({"toy/toy-a/gone/w4a4/0": {"top1": 1.0}}))
+    gone = {"toy/toy-a/gone/w4a4/0": {"top1": {"value": 1.0, "tolerance": 0.5}}}
+    _edit_golden(tmp_path, lambda d: d["results"].update(gone))
     assert _full_regress(tmp_path) == 1
     assert "missing-job" in capsys.readouterr().out
     # A filtered run checks only the golden jobs inside its selection.
@@ -381,7 +400,10 @@ def test_regress_in_temp_dir(tmp_path, fakes, capsys):
 
 
 def test_compare_unit():
-    golden = {"tolerance": {"top1": 0.5}, "results": {"a": {"top1": 80.0, "top5": 95.0}, "b": {"top1": 1.0}}}
+    def c(value, tol):
+        return {"value": value, "tolerance": tol}
+
+    golden = {"results": {"a": {"top1": c(80.0, 0.5), "top5": c(95.0, 0.0)}, "b": {"top1": c(1.0, 0.5)}}}
     ok = compare(golden, {"a": {"top1": 80.4, "top5": 95.0}, "b": {"top1": 1.0}})
     assert not ok.failed and [r.status for r in ok.moved] == ["within"]
     bad = compare(golden, {"a": {"top1": 79.4, "top5": 94.9}, "c": {"top1": 2.0}})
@@ -391,5 +413,18 @@ def test_compare_unit():
         ("a", "top5"): "regressed",
         ("b", "top1"): "missing-job",
         ("c", "top1"): "extra-job",
-    }  # top5 has no tolerance entry: 0
+    }
     assert compare(golden, {"a": {"top1": 80.0, "top5": 95.0}}, scope=["a"]).failed is False
+    assert compare(golden, {"a": {"top1": float("nan"), "top5": 95.0}}, scope=["a"]).failed
+
+
+def test_tolerance_rule_by_hand():
+    from bench.regress import ToleranceRule
+
+    rule = ToleranceRule()
+    # floor: 0.5 * 100 * sqrt(0.8 * 0.2 / 2000) = 0.5 * 0.8944 = 0.4472
+    assert abs(rule.floor(80.0, 2000) - 0.4472) < 1e-4
+    cell = rule.cell(80.0, 2000, [79.0, 80.0, 81.0], {"avx2": 80.5, "default": 78.0})
+    # seed std of 79, 80, 81 = 1 -> 3.0; kernel deviation max(|80.5-80|, |78-80|) = 2 -> 4.0
+    assert cell["seed_std"] == 1.0 and cell["kernel_dev"] == 2.0 and cell["tolerance"] == 4.0
+    assert rule.cell(80.0, 2000)["tolerance"] == round(rule.floor(80.0, 2000), 4)

@@ -12,13 +12,15 @@ import subprocess
 import sys
 from pathlib import Path
 
+from bench.regress import ToleranceRule
+
 ROOT = Path(__file__).resolve().parents[1]
 GOLDEN = ROOT / "results" / "golden" / "mini.json"
 
 
 def test_golden_file_covers_the_mini_grid():
     golden = json.loads(GOLDEN.read_text())
-    assert golden["profile"] == "ci" and golden["dataset"] == "mini"
+    assert golden["profile"] == "ci" and golden["dataset"] == "mini" and golden["schema"] == 2
     jobs = set(golden["results"])
     models = [("cls", m) for m in ("mini-vit", "mini-deit", "mini-swin")]
     models += [("det", "mini-mask-rcnn-swin"), ("det", "mini-cascade-mask-rcnn-swin"),
@@ -28,7 +30,26 @@ def test_golden_file_covers_the_mini_grid():
         for method in ("minmax-ptq", "noise-ptq", "psaq-vit", "psaq-vit-v2", "mimiq"):
             for bits in ("w4a4", "w6a6", "w8a8", "w4a8"):
                 assert f"{task}/{model}/{method}/{bits}/0" in jobs
-    assert all(tol >= 0 for tol in golden["tolerance"].values())
+    assert len(golden["seeds_measured"]) >= 3 and len(golden["kernel_paths_measured"]) >= 2
+
+
+def test_golden_tolerances_follow_from_their_stored_inputs():
+    """Every tolerance is the stated rule applied to the spread stored beside it (nothing hand-set)."""
+    golden = json.loads(GOLDEN.read_text())
+    rule = ToleranceRule.from_dict(golden["rule"])
+    assert golden["rule"]["text"] == rule.text()
+    n = 0
+    for job_id, metrics in golden["results"].items():
+        for metric, cell in metrics.items():
+            again = rule.cell(cell["value"], cell["eval_n"], cell["seed_values"], cell["kernel_values"])
+            assert {k: cell[k] for k in again} == again, (job_id, metric)
+            assert cell["tolerance"] >= cell["floor"] > 0, (job_id, metric)
+            n += 1
+            if "/fp/" in job_id:
+                continue
+            assert len(cell["seed_values"]) == len(golden["seeds_measured"]), (job_id, metric)
+            assert set(cell["kernel_values"]) == set(golden["kernel_paths_measured"]), (job_id, metric)
+    assert n > 300
 
 
 def test_mini_grid_matches_golden(tmp_path):

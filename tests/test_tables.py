@@ -143,3 +143,30 @@ def test_degenerate_inputs(tmp_path, records):
     else:  # only the FP model: one row "fp" with the FP column
         md = written[0][2]["md"]
         assert _md_rows(md, "### cls · mini · top1 (profile ci)")["fp"] == ["80.00"]
+
+
+def test_welch_noise_marks_on_known_samples():
+    from bench.tables import BEST_MARK, TIE_MARK, noise_marks, within_noise
+
+    a = [70.0, 71.0, 73.0]
+    # by hand: b = 72, 74, 76: se^2 = 2.3333/3 + 4/3 = 2.1111, t = -2.6667/1.4530 = -1.835, Welch df 3.74,
+    # two-sided p ~ 0.15 -> within noise; c = 75, 76, 77: se^2 = 0.7778 + 0.3333, t = -4.427, df 3.45,
+    # p ~ 0.016 -> a real difference.
+    assert within_noise(a, [72.0, 74.0, 76.0]) is True
+    assert within_noise(a, [75.0, 76.0, 77.0]) is False
+    assert within_noise(a, [80.0]) is None  # one seed: not tested
+    assert within_noise([5.0, 5.0], [5.0, 5.0]) is True and within_noise([5.0, 5.0], [6.0, 6.0]) is False
+    marks = noise_marks({"A": a, "B": [72.0, 74.0, 76.0], "C": [75.0, 76.0, 77.0], "D": [90.0]})
+    assert marks == {"C": BEST_MARK, "B": TIE_MARK}  # A is significantly below C; D has one seed
+
+
+def test_table_cells_carry_noise_marks():
+    recs = [rec("fp", "m1", "fp", 0, 80.0)]
+    recs += [rec("A", "m1", "w4a4", s, v) for s, v in enumerate([70.0, 71.0, 73.0])]
+    recs += [rec("B", "m1", "w4a4", s, v) for s, v in enumerate([72.0, 74.0, 76.0])]
+    recs += [rec("C", "m1", "w4a4", s, v) for s, v in enumerate([50.0, 50.5, 51.0])]
+    table = build_table(records_frame(recs), "top1")
+    assert table.loc["B", "m1 w4a4"] == "74.00 ± 2.00 (-6.00) *"
+    assert table.loc["A", "m1 w4a4"] == "71.33 ± 1.53 (-8.67) ~"
+    assert table.loc["C", "m1 w4a4"] == "50.50 ± 0.50 (-29.50)"
+    assert "Welch" in render(records_frame(recs), "cls", "mini")["md"]
