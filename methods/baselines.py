@@ -1,7 +1,7 @@
 """Baselines: the FP reference, min-max PTQ on real data and on noise, and PSAQ-ViT V1.
 
 PSAQ-ViT V1 (Li et al., ECCV'22, zkkli/PSAQ-ViT) follows
-``/work/shared/specs/psaq-vit-v2_mptq-vit.md`` Part 1: its quantizer placement is
+``docs/methods/psaq-vit.md``: its quantizer placement is
 the data in :func:`psaq_v1_policy`; its images come from
 :func:`methods.synth.pse_generation.generate_pse_images`.
 """

@@ -1,7 +1,7 @@
 """MimiQ (Choi et al., AAAI'25): inter-head attention similarity data generation and head-wise
 structural attention distillation.
 
-Follows ``/work/shared/specs/mimiq_spdfq.md`` Part 1 and MimiQ's released code as copied in
+Follows ``docs/methods/mimiq.md`` and MimiQ's released code as copied in
 hfutqian/MaskAQ (folder ``MaskAQ/``; MaskAQ's own additions are not implemented):
 
 1. Quantizer (1.2): every Linear, the patch-embedding conv and both attention matmuls; per-channel

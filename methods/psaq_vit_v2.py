@@ -1,7 +1,7 @@
 """PSAQ-ViT V2 (Li, Chen, Xiao, Gu; arXiv 2209.05687, TNNLS 2023): adaptive teacher-student DFQ.
 
 No code was released for V2 (zkkli/PSAQ-ViT issue #6 is still open), so this follows the
-reconstruction in ``/work/shared/specs/psaq-vit-v2_mptq-vit.md`` Part 2; every [REC]/[CHOICE]
+reconstruction in ``docs/methods/psaq-vit-v2.md``; every [REC]/[CHOICE]
 item there is a :class:`PSAQViTV2.Config` field with the spec's default, and ``provenance`` says
 which component comes from the V1 code, which from the V2 abstract and which is reconstructed.
 

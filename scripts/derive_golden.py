@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import statistics
 import sys
 from collections import defaultdict
 from collections.abc import Mapping
@@ -67,6 +68,17 @@ def environment_of(records: list[dict[str, Any]]) -> dict[str, Any]:
     return {k: env.get(k) for k in keys}
 
 
+def eval_sizes(runs: list[list[dict[str, Any]]]) -> dict[str, int]:
+    """job id (any seed) -> evaluation-set size, from whichever records carry the task's dataset_info."""
+    sizes: dict[str, int] = {}
+    for records in runs:
+        for r in records:
+            n = (r.get("data") or {}).get("eval_images")
+            if n:
+                sizes.setdefault(cell_id(r["job_id"]) + "/0", int(n))
+    return sizes
+
+
 def gaps(golden: Mapping[str, Mapping[str, float]]) -> dict[Cell, float | None]:
     """Per cell, |w8a8 - w4a4| of the same task/model/method/metric; for ``fp`` the distance from FP to
     the model's lowest w4a4 result (what a regression check must be able to tell apart)."""
@@ -96,7 +108,10 @@ def derive(
     seeds = by_seed(seed_records)
     kernels = {label: by_seed(recs) for label, recs in kernel_records.items() if label != leave_out}
     golden = {r["job_id"]: r["metrics"] for r in golden_records if r["seed"] == 0}
-    sizes = {r["job_id"]: (r.get("data") or {}).get("eval_images") for r in golden_records}
+    sizes = eval_sizes([golden_records, seed_records, *kernel_records.values()])
+    if leave_out is not None and kernel_records.get(leave_out) is seed_records:
+        # the left-out path is also the seed runs' seed 0: drop that draw from the seed spread too
+        seeds = {k: {s: v for s, v in d.items() if s != 0} for k, d in seeds.items()}
     gap = gaps(golden)
     results: dict[str, dict[str, dict[str, Any]]] = {}
     for job_id, metrics in sorted(golden.items()):
@@ -162,6 +177,7 @@ def report(results: Mapping[str, Mapping[str, Mapping[str, Any]]], rule: Toleran
              binding_term(c, rule)] for j, m, c in useless]
     lines += [tabulate(rows, headers=["job", "metric", "golden", "tol", "gap", "seed std", "kernel dev",
                                       "binding"], tablefmt="github"), ""]
+    lines += seed_budget(results)
     lines += ["## Every cell", ""]
     rows = []
     for j, m, c in cells:
@@ -174,6 +190,46 @@ def report(results: Mapping[str, Mapping[str, Mapping[str, Any]]], rule: Toleran
                        tablefmt="github"), ""]
     lines += ["## Sources", "", "```", *(f"{k}: {v}" for k, v in sources.items()), "```", ""]
     return "\n".join(lines)
+
+
+DATA_FREE = ("noise-ptq", "psaq-vit", "psaq-vit-v2", "mimiq")
+PRIMARY = ("top1", "bbox_mAP", "mIoU")
+
+
+def seed_budget(results: Mapping[str, Mapping[str, Mapping[str, Any]]]) -> list[str]:
+    """How many seeds the tables need: the seed std of the data-free methods' 4-bit cells and the
+    difference a two-sided Welch test (alpha 0.05, power 0.8) can resolve with n seeds per method,
+    ``(z_0.975 + z_0.8) sqrt(2/n) sigma`` (normal approximation)."""
+    from tabulate import tabulate
+
+    stds = {}
+    for job_id, metrics in results.items():
+        _task, model, method, bits, _seed = job_id.split("/")
+        if method in DATA_FREE and bits in ("w4a4", "w4a8"):
+            for metric, c in metrics.items():
+                if metric in PRIMARY and c["seed_std"] is not None:
+                    stds[f"{model}/{method}/{bits}"] = c["seed_std"]
+    if not stds:
+        return []
+    z = 1.959964 + 0.841621
+    rows = []
+    for bits in ("w4a4", "w4a8"):
+        vals = sorted(v for k, v in stds.items() if k.endswith(bits))
+        if not vals:
+            continue
+        med = statistics.median(vals)
+        rows.append([bits, len(vals), f"{min(vals):.2f}", f"{med:.2f}", f"{max(vals):.2f}",
+                     *(f"{z * (2 / n) ** 0.5 * med:.2f}" for n in (3, 5, 10))])
+    return [
+        "## Seeds the tables need",
+        "",
+        "Seed std (primary metric) of the data-free methods' 4-bit cells, and the difference between two "
+        "methods that a Welch test over n seeds each resolves (alpha 0.05, power 0.8, at the median std):",
+        "",
+        tabulate(rows, headers=["bits", "cells", "min std", "median std", "max std", "n=3", "n=5", "n=10"],
+                 tablefmt="github"),
+        "",
+    ]
 
 
 def leave_one_out(
@@ -218,7 +274,8 @@ def main(argv: list[str] | None = None) -> int:
         label, sep, path = item.partition("=")
         if not sep:
             raise SystemExit(f"error: --kernel-runs takes LABEL=DIR, got {item!r}")
-        kernel_records[label] = load_runs(path)
+        same = Path(path).resolve() == Path(args.seed_runs).resolve()
+        kernel_records[label] = seed_records if same else load_runs(path)
     results = derive(golden_records, seed_records, kernel_records, rule)
     seeds = sorted({int(r["seed"]) for r in seed_records})
     sources = {

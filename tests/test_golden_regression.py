@@ -12,6 +12,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from bench.regress import ToleranceRule
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -52,6 +54,7 @@ def test_golden_tolerances_follow_from_their_stored_inputs():
     assert n > 300
 
 
+@pytest.mark.slow
 def test_mini_grid_matches_golden(tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     proc = subprocess.run(
