@@ -52,19 +52,23 @@ class ToleranceRule:
 
     seed_k: float = 3.0
     kernel_k: float = 2.0
-    floor_se: float = 0.5
+    floor_se: float = 1.0
+    floor_images: float = 5.0
 
     def text(self) -> str:
         return (f"tolerance = max(floor, {self.seed_k:g} x seed std, {self.kernel_k:g} x kernel deviation); "
-                f"floor = {self.floor_se:g} x 100 sqrt(p(1-p)/n) (p = golden value / 100, n = eval images); "
-                "seed std over the measured seeds; kernel deviation = max |seed-0 value under another "
-                "ATEN_CPU_CAPABILITY / thread count - golden|")
+                f"floor = max({self.floor_se:g} x 100 sqrt(p(1-p)/n), {self.floor_images:g} x 100/n) "
+                "(p = golden value / 100, n = eval images: the binomial standard error, and at least "
+                f"{self.floor_images:g} images' worth near 0 or 100 %); seed std over the measured seeds; "
+                "kernel deviation = max |seed-0 value under another ATEN_CPU_CAPABILITY / thread count - "
+                "golden|")
 
     def floor(self, value: float, eval_n: int | None) -> float:
         if not eval_n:
             return 0.0
-        p = min(max(value / 100.0, 0.5 / eval_n), 1.0 - 0.5 / eval_n)
-        return self.floor_se * 100.0 * math.sqrt(p * (1.0 - p) / eval_n)
+        p = min(max(value / 100.0, 0.0), 1.0)
+        se = 100.0 * math.sqrt(p * (1.0 - p) / eval_n)
+        return max(self.floor_se * se, self.floor_images * 100.0 / eval_n)
 
     def cell(
         self,
@@ -92,12 +96,12 @@ class ToleranceRule:
 
     def to_dict(self) -> dict[str, Any]:
         return {"seed_k": self.seed_k, "kernel_k": self.kernel_k, "floor_se": self.floor_se,
-                "text": self.text()}
+                "floor_images": self.floor_images, "text": self.text()}
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any] | None) -> ToleranceRule:
         d = d or {}
-        return cls(**{k: float(d[k]) for k in ("seed_k", "kernel_k", "floor_se") if k in d})
+        return cls(**{k: float(d[k]) for k in ("seed_k", "kernel_k", "floor_se", "floor_images") if k in d})
 
 
 @dataclass
