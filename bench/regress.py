@@ -50,9 +50,11 @@ class ToleranceRule:
       kernels did to this very job.
     """
 
-    seed_k: float = 3.0
+    # chosen by scripts/derive_golden.py's leave-one-kernel-path-out check: the narrowest of the rules
+    # tried that accepted every held-out kernel path (results/golden/spread.md, "Rules tried")
+    seed_k: float = 4.0
     kernel_k: float = 2.0
-    floor_se: float = 1.0
+    floor_se: float = 0.75
     floor_images: float = 5.0
 
     def text(self) -> str:

@@ -4,7 +4,9 @@ Inputs are result directories of ``python -m bench run`` (records under ``<dir>/
 
 * ``--golden-run DIR``: seed 0 of the mini grid exactly as ``bench regress`` runs it (ci profile,
   2 threads, this machine's native kernels): the golden values;
-* ``--seed-runs DIR``: the same grid at several seeds (``--seeds 0,1,2,...``): the seed spread;
+* ``--seed-runs DIR [DIR ...]``: the same grid at several seeds (``--seeds 0,1,2,...``; a later dir may
+  add seeds for part of the grid): the seed spread; a kernel run naming the first of these dirs is its
+  seed-0 records;
 * ``--kernel-runs LABEL=DIR ...``: seed 0 under other CPU kernel paths and thread counts, e.g.
   ``ATEN_CPU_CAPABILITY=avx2`` with one thread: what another machine's kernels do to the same job.
 
@@ -269,10 +271,11 @@ def leave_one_out(
     out = {}
     for label, recs in kernel_records.items():
         cells = derive(golden_records, seed_records, kernel_records, rule, leave_out=label)
-        ok, n, bad = 0, 0, []
+        ok, n, bad, seen = 0, 0, [], set()
         for r in recs:
-            if r["seed"] != 0 or r["job_id"] not in cells:
+            if r["seed"] != 0 or r["job_id"] not in cells or r["job_id"] in seen:
                 continue
+            seen.add(r["job_id"])
             for metric, v in r["metrics"].items():
                 c = cells[r["job_id"]].get(metric)
                 if c is None:
@@ -289,7 +292,8 @@ def leave_one_out(
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--golden-run", required=True)
-    p.add_argument("--seed-runs", required=True)
+    p.add_argument("--seed-runs", required=True, nargs="+", metavar="DIR",
+                   help="result dirs with the grid at several seeds (cells may have more seeds than others)")
     p.add_argument("--kernel-runs", nargs="*", default=[], metavar="LABEL=DIR")
     p.add_argument("--out", default=str(ROOT / "results" / "golden" / "mini.json"))
     p.add_argument("--report", default=str(ROOT / "results" / "golden" / "spread.md"))
@@ -297,19 +301,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--kernel-k", type=float, default=ToleranceRule.kernel_k)
     p.add_argument("--floor-se", type=float, default=ToleranceRule.floor_se)
     p.add_argument("--floor-images", type=float, default=ToleranceRule.floor_images)
-    p.add_argument("--candidates", default="3,2,0.5,2;3,2,0.75,5;3,2,1,2;4,3,0.75,5;3,2,1,5",
+    p.add_argument("--candidates", default="3,2,0.5,2;3,2,0.75,5;3,2,1,5;4,2,0.75,5;4,3,0.5,5;4,3,0.75,5;"
+                   "5,3,0.75,5",
                    help="other rules to report, 'seed_k,kernel_k,floor_se,floor_images;...'")
     args = p.parse_args(argv)
     rule = ToleranceRule(args.seed_k, args.kernel_k, args.floor_se, args.floor_images)
     candidates = [ToleranceRule(*map(float, c.split(","))) for c in args.candidates.split(";") if c.strip()]
     golden_records = load_runs(args.golden_run)
-    seed_records = load_runs(args.seed_runs)
+    seed_dirs = [load_runs(d) for d in args.seed_runs]
+    seed_records = [r for recs in seed_dirs for r in recs]
     kernel_records = {}
     for item in args.kernel_runs:
         label, sep, path = item.partition("=")
         if not sep:
             raise SystemExit(f"error: --kernel-runs takes LABEL=DIR, got {item!r}")
-        same = Path(path).resolve() == Path(args.seed_runs).resolve()
+        same = Path(path).resolve() == Path(args.seed_runs[0]).resolve()
         kernel_records[label] = seed_records if same else load_runs(path)
     results = derive(golden_records, seed_records, kernel_records, rule)
     seeds = sorted({int(r["seed"]) for r in seed_records})

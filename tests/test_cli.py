@@ -422,10 +422,11 @@ def test_tolerance_rule_by_hand():
     from bench.regress import ToleranceRule
 
     rule = ToleranceRule()
-    # floor: max(1 * 100 * sqrt(0.8 * 0.2 / 2000), 5 * 100 / 2000) = max(0.8944, 0.25)
-    assert abs(rule.floor(80.0, 2000) - 0.8944) < 1e-4
+    # floor: max(0.75 * 100 * sqrt(0.8 * 0.2 / 2000), 5 * 100 / 2000) = max(0.75 * 0.8944, 0.25)
+    assert abs(rule.floor(80.0, 2000) - 0.6708) < 1e-4
     assert rule.floor(99.9, 2000) == 0.25  # near 100 %: five images' worth, not the vanishing se
     cell = rule.cell(80.0, 2000, [79.0, 80.0, 81.0], {"avx2": 80.5, "default": 78.0})
-    # seed std of 79, 80, 81 = 1 -> 3.0; kernel deviation max(|80.5-80|, |78-80|) = 2 -> 4.0
+    # seed std of 79, 80, 81 = 1 -> 4 x 1 = 4; kernel deviation max(|80.5-80|, |78-80|) = 2 -> 2 x 2 = 4
     assert cell["seed_std"] == 1.0 and cell["kernel_dev"] == 2.0 and cell["tolerance"] == 4.0
+    assert rule.cell(80.0, 2000, [78.0, 80.0, 82.0], {"avx2": 80.5})["tolerance"] == 8.0  # 4 x std 2
     assert rule.cell(80.0, 2000)["tolerance"] == round(rule.floor(80.0, 2000), 4)

@@ -49,8 +49,11 @@ def test_golden_tolerances_follow_from_their_stored_inputs():
             n += 1
             if "/fp/" in job_id:
                 continue
-            assert len(cell["seed_values"]) == len(golden["seeds_measured"]), (job_id, metric)
-            assert set(cell["kernel_values"]) == set(golden["kernel_paths_measured"]), (job_id, metric)
+            # every cell has at least three seeds and three other kernel paths; cls (cheap, and where the
+            # chaotic cells are) has more of both
+            assert len(cell["seed_values"]) >= 3, (job_id, metric)
+            assert len(cell["kernel_values"]) >= 3, (job_id, metric)
+            assert set(cell["kernel_values"]) <= set(golden["kernel_paths_measured"]), (job_id, metric)
     assert n > 300
 
 
