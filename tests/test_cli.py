@@ -14,7 +14,7 @@ import torch
 from bench_fakes import CALLS
 
 import bench.cli as cli
-from bench.regress import compare
+from bench.regress import ToleranceRule, compare
 from bench.store import ResultStore
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -344,7 +344,8 @@ def test_regress_update_then_pass_then_detect(tmp_path, fakes, capsys):
     assert "derive them with scripts/derive_golden.py" in capsys.readouterr().out
     golden = json.loads((tmp_path / "golden.json").read_text())
     assert golden["dataset"] == "mini" and golden["profile"] == "ci" and golden["schema"] == 2
-    assert golden["rule"]["seed_k"] == 3.0 and "tolerance = max(floor" in golden["rule"]["text"]
+    assert golden["rule"]["seed_k"] == ToleranceRule().seed_k
+    assert "tolerance = max(floor" in golden["rule"]["text"]
     # 2 models x (fp + 2 methods x 4 default bits) = 18 jobs with readable ids.
     assert len(golden["results"]) == 18 and "toy/toy-a/toy-ptq/w4a4/0" in golden["results"]
     cell = golden["results"]["toy/toy-a/toy-ptq/w4a4/0"]["top1"]
@@ -419,7 +420,6 @@ def test_compare_unit():
 
 
 def test_tolerance_rule_by_hand():
-    from bench.regress import ToleranceRule
 
     rule = ToleranceRule()
     # floor: max(0.75 * 100 * sqrt(0.8 * 0.2 / 2000), 5 * 100 / 2000) = max(0.75 * 0.8944, 0.25)
