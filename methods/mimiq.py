@@ -243,8 +243,9 @@ class MimiQ(QuantMethod):
         "128x3x32x32 synthetic values (8 images on the 128-px dense mini models). lr in {1e-3, 1e-4} x the "
         "quantizer multiplier in {1, 100} chosen at w4a4, seed 0, by teacher agreement / KL on the real "
         "calibration split of the three mini classifiers, no labels and no evaluation data "
-        "(scripts/select_profile.py; results/profile_selection/mimiq_ci_w4a4.jsonl: mean agreement 83.1 / "
-        "85.7 / 86.5 / 89.4 for (1e-3,1) / (1e-3,100) / (1e-4,1) / (1e-4,100))",
+        "(scripts/select_profile.py; results/profile_selection/mimiq_ci_w4a4.jsonl: mean agreement 83.6 / "
+        "86.7 / 86.6 / 89.7 for (1e-3,1) / (1e-3,100) / (1e-4,1) / (1e-4,100), re-run after the "
+        "released-arithmetic and head gradient-scale fixes: same choice)",
     }
 
     # -- helpers -------------------------------------------------------------------------------
