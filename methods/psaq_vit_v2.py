@@ -175,7 +175,8 @@ class PSAQViTV2(QuantMethod):
         "ci profile": "choice: 60+60 initial steps, 12 rounds of 6 pixel / 12 student steps; student lr 2e-4 "
         "(W4) chosen of {5e-5, 1e-4, 2e-4, 5e-4, 1e-3} by mean teacher agreement on the real calibration "
         "split of the 3 mini classifiers at w4a4, seed 0, no labels "
-        "(86.0 / 87.4 / 88.7 / 87.2 / 81.6 after V1's released-arithmetic fix: same choice), 4e-5 (W8) by the spec's ratio; dense: 20+20 initial steps, 3 rounds",
+        "(86.0 / 87.4 / 88.7 / 87.2 / 81.6 after V1's released-arithmetic fix: same choice), 4e-5 (W8) "
+        "by the spec's ratio; dense: 20+20 initial steps, 3 rounds",
     }
 
     # -- set-up --------------------------------------------------------------------------------
