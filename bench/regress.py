@@ -4,7 +4,7 @@ Golden file (JSON, schema 2)::
 
     {
       "schema": 2, "dataset": "mini", "profile": "ci",
-      "rule": {"seed_k": 3.0, "kernel_k": 2.0, "floor_se": 0.5, "text": "..."},
+      "rule": {"seed_k": 4.0, "kernel_k": 2.0, "floor_se": 0.75, "floor_images": 5.0, "text": "..."},
       "results": {"cls/mini-vit/psaq-vit/w4a4/0": {"top1": {"value": 74.3, "tolerance": 6.1,
                    "floor": 0.36, "seed_values": [...], "seed_std": 1.2, "kernel_values": {...},
                    "kernel_dev": 2.9, "eval_n": 2000, "gap": 13.1, "useful": true}, ...}, ...},
@@ -42,8 +42,9 @@ class ToleranceRule:
     """``tolerance = max(floor, seed_k · seed std, kernel_k · kernel deviation)``.
 
     * floor: ``floor_se`` binomial standard errors of the metric on the evaluation set,
-      ``100·sqrt(p(1-p)/n)`` with ``p`` = the golden value / 100 and ``n`` = evaluation images: a move
-      smaller than that says nothing about which images happened to be in the set;
+      ``100·sqrt(p(1-p)/n)`` with ``p`` = the golden value / 100 and ``n`` = evaluation images (a move
+      smaller than that says nothing about which images happened to be in the set), and at least
+      ``floor_images`` images' worth, ``100·floor_images/n`` (the standard error vanishes near 0 or 100 %);
     * seed std: sample std (n-1) of the cell over the measured seeds at the ci profile;
     * kernel deviation: the largest |value - golden| of seed 0 over the other CPU kernel paths and
       thread counts measured (``ATEN_CPU_CAPABILITY=default|avx2|native``), i.e. what another machine's
@@ -201,7 +202,7 @@ def compare(
             g, t = (cell["value"], float(cell["tolerance"])) if cell is not None else (None, None)
             if o is None:
                 status = "missing-metric"
-            elif g is None or t is None:
+            elif cell is None:
                 status = "extra-metric"
             elif math.isnan(o) or abs(o - g) > t + EPS:
                 status = "regressed" if math.isnan(o) or o < g else "improved"

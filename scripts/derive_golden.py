@@ -36,6 +36,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.grid import FP_METHOD  # noqa: E402
 from bench.regress import GOLDEN_SCHEMA, ToleranceRule, write_golden  # noqa: E402
 from bench.store import ResultStore, atomic_write_text  # noqa: E402
 
@@ -168,7 +169,7 @@ def rule_candidates(golden_records, seed_records, kernel_records,
 
 def report(results: Mapping[str, Mapping[str, Mapping[str, Any]]], rule: ToleranceRule,
            loo: Mapping[str, tuple[int, int, list[str]]], sources: Mapping[str, Any],
-           extra: list[str] = ()) -> str:
+           data_free: set[str], extra: list[str] = ()) -> str:
     from tabulate import tabulate
 
     cells = [(j, m, c) for j, ms in results.items() for m, c in ms.items()]
@@ -210,7 +211,7 @@ def report(results: Mapping[str, Mapping[str, Mapping[str, Any]]], rule: Toleran
              binding_term(c, rule)] for j, m, c in useless]
     lines += [tabulate(rows, headers=["job", "metric", "golden", "tol", "gap", "seed std", "kernel dev",
                                       "binding"], tablefmt="github"), ""]
-    lines += seed_budget(results)
+    lines += seed_budget(results, data_free)
     lines += ["## Every cell", ""]
     rows = []
     for j, m, c in cells:
@@ -225,11 +226,16 @@ def report(results: Mapping[str, Mapping[str, Mapping[str, Any]]], rule: Toleran
     return "\n".join(lines)
 
 
-DATA_FREE = ("noise-ptq", "psaq-vit", "psaq-vit-v2", "mimiq")
 PRIMARY = ("top1", "bbox_mAP", "mIoU")
 
 
-def seed_budget(results: Mapping[str, Mapping[str, Mapping[str, Any]]]) -> list[str]:
+def data_free_methods(records: list[dict[str, Any]]) -> set[str]:
+    """The quantization methods the records say are data-free (their ``method_info``; fp excluded)."""
+    return {r["method"] for r in records
+            if r["method"] != FP_METHOD and (r.get("method_info") or {}).get("data_free")}
+
+
+def seed_budget(results: Mapping[str, Mapping[str, Mapping[str, Any]]], data_free: set[str]) -> list[str]:
     """How many seeds the tables need: the seed std of the data-free methods' 4-bit cells and the
     difference a two-sided Welch test (alpha 0.05, power 0.8) can resolve with n seeds per method,
     ``(z_0.975 + z_0.8) sqrt(2/n) sigma`` (normal approximation)."""
@@ -238,7 +244,7 @@ def seed_budget(results: Mapping[str, Mapping[str, Mapping[str, Any]]]) -> list[
     stds = {}
     for job_id, metrics in results.items():
         _task, model, method, bits, _seed = job_id.split("/")
-        if method in DATA_FREE and bits in ("w4a4", "w4a8"):
+        if method in data_free and bits in ("w4a4", "w4a8"):
             for metric, c in metrics.items():
                 if metric in PRIMARY and c["seed_std"] is not None:
                     stds[f"{model}/{method}/{bits}"] = c["seed_std"]
@@ -339,7 +345,8 @@ def main(argv: list[str] | None = None) -> int:
     write_golden(args.out, golden)
     loo = leave_one_out(golden_records, seed_records, kernel_records, rule)
     extra = rule_candidates(golden_records, seed_records, kernel_records, candidates) if candidates else []
-    atomic_write_text(Path(args.report), report(results, rule, loo, sources, extra))
+    text = report(results, rule, loo, sources, data_free_methods(golden_records), extra)
+    atomic_write_text(Path(args.report), text)
     n = sum(len(ms) for ms in results.values())
     useless = sum(c["useful"] is False for ms in results.values() for c in ms.values())
     print(f"wrote {args.out}: {len(results)} jobs, {n} metric cells, {useless} not useful as a check; "
