@@ -16,38 +16,27 @@ import os
 import sys
 import tempfile
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import torch
 from tabulate import tabulate
 
+from bench import api
 from bench import regress as rg
+from bench.api import Plan, UsageError
 from bench.env import environment
-from bench.grid import FP_METHOD, Job, coerce_method_args, expand, parse_method_args
-from bench.runner import RunSummary, run_jobs
+from bench.record import RecordSchemaError
+from bench.runner import RunSummary
 from bench.store import ResultStore, jsonable
 from bench.tables import FORMATS, write_tables
-from methods.base import available_methods, get_method
-from methods.quant.bits import BIT_CANDIDATES, NAMED_SPECS, BitSpec, BitSpecError, parse_bits
-from tasks.base import DATASETS, Task, TaskError, available_tasks, get_task, task_options
+from methods.base import METHODS, get_method
+from methods.quant.bits import BIT_CANDIDATES, NAMED_SPECS
+from methods.quant.registry import UnknownName
+from tasks.base import DATASETS, TASKS, TaskError, get_task
 
-DEFAULT_BITS = "w4a4,w6a6,w8a8,w4a8"
-BASE_PROFILES = ("ci", "fast", "paper")
+DEFAULT_BITS = ",".join(api.DEFAULT_BITS)
 PLUGIN_ENV = "VITQ_BENCH_PLUGINS"
 GOLDEN_DEFAULT = "results/golden/mini.json"
-# The grid the golden file covers (mini dataset, ci profile): `bench regress` without selection flags.
-REGRESS_GRID = {"methods": "all", "tasks": "cls,det,seg", "bits": DEFAULT_BITS, "seeds": "0"}
-# Seeds when --seeds is not given. Mini: at 4 bits the data-free methods' seed std is a point or more
-# (results/golden/spread.md), so one seed cannot rank them; three give the tables a mean ± std and a
-# Welch test. Full runs cost GPU-hours per job: one seed unless asked.
-DEFAULT_SEEDS = {"mini": "0,1,2", "full": "0"}
-
-
-class UsageError(Exception):
-    """A bad command line: printed as one ``error:`` line, exit status 2."""
-
 
 def _split(text: str | None) -> list[str]:
     return [t.strip() for t in (text or "").split(",") if t.strip()]
@@ -83,149 +72,14 @@ def load_plugins(specs: Sequence[str]) -> None:
             raise UsageError(f"cannot load plugin {spec!r}: {e}") from e
 
 
-def _registry(kind: str, lister) -> list[str]:
-    try:
-        return lister()
-    except ImportError as e:  # a built-in module that is missing or broken: say which
-        raise UsageError(f"cannot load the built-in {kind}: {e}") from e
-
-
-@dataclass
-class Plan:
-    """A validated command line: everything needed to expand and run the grid."""
-
-    tasks: dict[str, Task]
-    models_by_task: dict[str, list[str]]
-    methods: list[str]
-    bits: list[BitSpec]
-    seeds: list[int]
-    dataset: str
-    profile: str
-    device: torch.device
-    weights: str | None
-    options: dict[str, dict[str, str]] = field(default_factory=dict)  # task -> non-default options
-    method_args: dict[str, Any] = field(default_factory=dict)  # --method-args (every quant method)
-
-    def jobs(self) -> list[Job]:
-        return expand(
-            self.models_by_task,
-            self.methods,
-            self.bits,
-            self.seeds,
-            self.dataset,
-            self.profile,
-            self.weights,
-            tasks=self.tasks,
-            options=self.options,
-            method_args=self.method_args,
-        )
-
-
-def _device(name: str) -> torch.device:
-    try:
-        device = torch.device(name)
-    except RuntimeError as e:
-        raise UsageError(f"unknown device {name!r}; valid: cpu, cuda, cuda:N") from e
-    if device.type not in ("cpu", "cuda"):
-        raise UsageError(f"unknown device {name!r}; valid: cpu, cuda, cuda:N")
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise UsageError(
-                f"--device {name}: CUDA is not available (torch {torch.__version__}); use --device cpu"
-            )
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise UsageError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) visible")
-    return device
-
-
 def plan_from_args(args: argparse.Namespace) -> Plan:
-    """Validate every name on the command line; raises UsageError before anything is written."""
-    all_methods = _registry("methods", available_methods)
-    methods = all_methods if args.methods.strip() == "all" else _split(args.methods)
-    _check_names("method", methods, all_methods)
-    if FP_METHOD not in all_methods:
-        raise UsageError(f"method {FP_METHOD!r} (the FP reference of every table) is not registered")
-    all_tasks = _registry("tasks", available_tasks)
-    task_names = _split(args.tasks)
-    _check_names("task", task_names, all_tasks)
-    _check_names("dataset", [args.dataset], DATASETS)
-    try:
-        bits = [parse_bits(b) for b in _split(args.bits)]
-    except BitSpecError as e:
-        raise UsageError(str(e)) from e
-    if not bits:
-        raise UsageError("--bits is empty")
-    if args.seeds is None:
-        args.seeds = DEFAULT_SEEDS.get(args.dataset, "0")
-    try:
-        seeds = [int(s) for s in _split(args.seeds)]
-    except ValueError as e:
-        raise UsageError(f"invalid --seeds {args.seeds!r}; use comma-separated integers, e.g. 0,1,2") from e
-    if not seeds or len(set(seeds)) != len(seeds) or min(seeds) < 0:
-        raise UsageError(f"invalid --seeds {args.seeds!r}; use distinct non-negative integers, e.g. 0,1,2")
-    profiles = sorted(set(BASE_PROFILES).union(*(get_method(m).profiles() for m in methods)))
-    _check_names("profile", [args.profile], profiles)
-    device = _device(args.device)
-    method_args = _method_args(getattr(args, "method_args", None), methods)
-
-    options = _task_options(task_names, getattr(args, "quant_scope", None))
-    tasks = {t: get_task(t, data_root=args.data_root, **options.get(t, {})) for t in task_names}
-    task_models = {t: list(task.models(args.dataset)) for t, task in tasks.items()}
-    if args.models:
-        wanted = _split(args.models)
-        # optional models (e.g. mini-dinov2) run only when named
-        named = {t: ms + _optional_models(task, args.dataset) for (t, ms), task in
-                 zip(task_models.items(), tasks.values(), strict=True)}
-        _check_names("model", wanted, sorted({m for ms in named.values() for m in ms}))
-        models_by_task = {t: [m for m in wanted if m in ms] for t, ms in named.items()}
-    else:
-        models_by_task = task_models
-    models_by_task = {t: ms for t, ms in models_by_task.items() if ms}
-    weights = args.weights
-    if weights is not None:
-        if not Path(weights).is_file():
-            raise UsageError(f"--weights {weights}: no such file")
-        n_models = sum(len(ms) for ms in models_by_task.values())
-        if n_models != 1:
-            raise UsageError(
-                f"--weights applies to one model; select exactly one with --models (got {n_models})"
-            )
-    return Plan(tasks, models_by_task, methods, bits, seeds, args.dataset, args.profile, device, weights,
-                options, method_args)
-
-
-def _method_args(text: str | None, methods: list[str]) -> dict[str, Any]:
-    """Parsed ``--method-args``; every selected quantization method must have each field."""
-    try:
-        method_args = parse_method_args(text)
-        for method in methods:
-            if method != FP_METHOD:
-                coerce_method_args(method, method_args)
-    except ValueError as e:
-        raise UsageError(f"{e} (--method-args)") from e
-    if method_args and methods == [FP_METHOD]:
-        raise UsageError("--method-args sets quantization-method fields; select a method besides fp")
-    return method_args
-
-
-def _optional_models(task: Task, dataset: str) -> list[str]:
-    hook = getattr(task, "optional_models", None)
-    return list(hook(dataset)) if callable(hook) else []
-
-
-def _task_options(task_names: list[str], quant_scope: str | None) -> dict[str, dict[str, str]]:
-    """Non-default task options per task (``--quant-scope`` applies to the tasks that accept it)."""
-    if quant_scope is None:
-        return {}
-    scoped = {t: task_options(t)["quant_scope"] for t in task_names if "quant_scope" in task_options(t)}
-    valid = next(iter(scoped.values()), ("backbone", "all"))
-    if quant_scope not in valid:
-        raise UsageError(f"unknown --quant-scope {quant_scope!r}; valid: {', '.join(valid)}")
-    if not scoped:
-        raise UsageError(f"--quant-scope applies to det and seg only (tasks: {', '.join(task_names)})")
-    if quant_scope == valid[0]:
-        return {}  # the default: not recorded, so keys match runs without the flag
-    return {t: {"quant_scope": quant_scope} for t in scoped}
+    """The command line's grid, validated (UsageError before anything is written)."""
+    return api.make_plan(
+        methods=args.methods, tasks=args.tasks, models=args.models, bits=args.bits, seeds=args.seeds,
+        dataset=args.dataset, profile=args.profile, device=args.device, weights=args.weights,
+        data_root=args.data_root, quant_scope=getattr(args, "quant_scope", None),
+        method_args=getattr(args, "method_args", None),
+    )
 
 
 def _print_summary(summary: RunSummary, records: str) -> None:
@@ -240,7 +94,7 @@ def _print_summary(summary: RunSummary, records: str) -> None:
 def cmd_run(args: argparse.Namespace) -> int:
     plan = plan_from_args(args)
     store = ResultStore(args.results)
-    summary = run_jobs(plan.jobs(), store, plan.tasks, plan.device, force=args.force)
+    summary = api.run(plan, store.root, force=args.force)
     for task in plan.models_by_task:
         for _, _, texts, paths in write_tables(store, task=task, dataset=plan.dataset):
             print()
@@ -269,13 +123,10 @@ def cmd_tables(args: argparse.Namespace) -> int:
 
 
 def cmd_regress(args: argparse.Namespace) -> int:
-    args.dataset, args.profile, args.weights = "mini", "ci", None
     # Any selection flag makes this a partial check: only golden jobs inside the selection count.
-    partial = any(getattr(args, f) is not None for f in (*REGRESS_GRID, "models"))
-    for flag, default in REGRESS_GRID.items():
-        if getattr(args, flag) is None:
-            setattr(args, flag, default)
-    plan = plan_from_args(args)
+    plan, partial = api.regress_plan(methods=args.methods, tasks=args.tasks, models=args.models,
+                                     bits=args.bits, seeds=args.seeds, device=args.device,
+                                     data_root=args.data_root)
     golden_path = Path(args.golden)
     golden = None
     if golden_path.is_file():
@@ -302,7 +153,7 @@ def cmd_regress(args: argparse.Namespace) -> int:
     with contextlib.ExitStack() as stack:
         root = args.results or stack.enter_context(tempfile.TemporaryDirectory(prefix="vitq-regress-"))
         store = ResultStore(root)
-        summary = run_jobs(jobs, store, plan.tasks, plan.device, force=args.force)
+        summary = api.run(plan, root, force=args.force)
         done = [r for r in summary.results if r.record is not None]
         observed = {r.job.job_id: r.record["metrics"] for r in done}
         eval_sizes = {r.job.job_id: (r.record.get("data") or {}).get("eval_images") for r in done}
@@ -344,7 +195,7 @@ def _method_config_table(name: str) -> str:
 
 
 def cmd_list(args: argparse.Namespace) -> int:
-    methods = _registry("methods", available_methods)
+    methods = api.registry_names("methods", METHODS)
     if args.method:
         _check_names("method", [args.method], methods)
         print(_method_config_table(args.method))
@@ -368,14 +219,14 @@ def cmd_list(args: argparse.Namespace) -> int:
             + "\n"
         )
     rows = []
-    for name in _registry("tasks", available_tasks):
+    for name in api.registry_names("tasks", TASKS):
         task = get_task(name, data_root=args.data_root)
         for dataset in DATASETS:
             try:
                 models = ", ".join(task.models(dataset))
-                unavailable = getattr(task, "unavailable_models", lambda d: {})(dataset)
+                unavailable = task.unavailable_models(dataset)
                 optional = [m + (f" (unavailable: {unavailable[m]})" if m in unavailable else "")
-                            for m in _optional_models(task, dataset)]
+                            for m in task.optional_models(dataset)]
                 if optional:
                     models += "; optional, run when named: " + ", ".join(optional)
             except TaskError as e:
@@ -406,8 +257,10 @@ def _grid_args(p: argparse.ArgumentParser, regress: bool) -> None:
     p.add_argument(
         "--bits", default=d(DEFAULT_BITS), help=f"comma-separated bit specs (default: {DEFAULT_BITS})"
     )
-    p.add_argument("--seeds", default=None, help="comma-separated seeds (default: 0 for regress; "
-                   + ", ".join(f"{v} for --dataset {k}" for k, v in DEFAULT_SEEDS.items()) + " for run)")
+    seed_defaults = ", ".join(
+        f"{','.join(map(str, v))} for --dataset {k}" for k, v in api.DEFAULT_SEEDS.items())
+    p.add_argument("--seeds", default=None,
+                   help=f"comma-separated seeds (default: 0 for regress; {seed_defaults} for run)")
     p.add_argument("--force", action="store_true", help="rerun jobs whose record exists (overwrites it)")
     p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N (default: cpu)")
     p.add_argument("--data-root", default=None, help="root of the full datasets (default: $VITQ_DATA)")
@@ -491,7 +344,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if getattr(args, "threads", None):
             torch.set_num_threads(args.threads)
         return args.func(args)
-    except (UsageError, TaskError) as e:
+    except (UsageError, TaskError, UnknownName, RecordSchemaError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

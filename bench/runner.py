@@ -26,8 +26,9 @@ from torch import nn
 from bench.env import environment
 from bench.grid import Job
 from bench.progress import Reporter, make_reporter
-from bench.store import SCHEMA_VERSION, ResultStore, jsonable
-from methods.base import RunContext, get_method
+from bench.record import Record
+from bench.store import ResultStore, jsonable
+from methods.base import QuantMethod, RunContext, get_method
 from methods.quant.bits import BitSpec, parse_bits
 from methods.quant.policy import model_size_bits
 from tasks.base import Task, TaskError
@@ -106,28 +107,28 @@ def _delta(metrics: Mapping[str, float], fp: Mapping[str, float] | None) -> dict
     return {k: float(v) - float(fp[k]) for k, v in metrics.items() if k in fp}
 
 
-def _measure(job: Job, task: Task, method: Any, ctx: RunContext) -> dict[str, Any]:
+def _measure(job: Job, task: Task, method: QuantMethod, ctx: RunContext) -> dict[str, Any]:
     """Load, quantize (timed), evaluate (timed) under the job's seed; peak memory over all three."""
     with seeded(job.seed):
         memory = _PeakMemory(ctx.device)
         t0 = time.perf_counter()
-        target = task.load(job.model, job.dataset, job.weights)
-        target.model.to(ctx.device)
+        handle = task.load(job.model, job.dataset, job.weights)
+        handle.target.model.to(ctx.device)
+        # only the "real" data source calls this: data-free methods never see the task's images
+        ctx.real_images = lambda n: task.calibration(handle, n, job.seed)
         t1 = time.perf_counter()
-        qmodel = method.quantize(target, parse_bits(job.bits), ctx)
+        result = method.quantize(handle.target, parse_bits(job.bits), ctx)
         t2 = time.perf_counter()
-        metrics = {k: float(v) for k, v in task.evaluate(qmodel, job.dataset, ctx.device).items()}
+        metrics = {k: float(v) for k, v in task.evaluate(handle, result.model, ctx.device).items()}
         t3 = time.perf_counter()
-        info = getattr(task, "dataset_info", None)
-        data = jsonable(info(job.dataset, model=job.model)) if callable(info) else None
         return dict(
-            target=target,
-            qmodel=qmodel,
+            target=handle.target,
+            result=result,
             metrics=metrics,
             load=t1 - t0,
             quantize=t2 - t1,
             evaluation=t3 - t2,
-            data=data,
+            data=jsonable(task.dataset_info(handle)) or None,
             peak_mb=memory.read_mb(),
             memory_method=memory.method,
         )
@@ -141,7 +142,7 @@ def run_job(
     fp_metrics: dict[str, float] | None,
     reporter_msg: Callable[[str], None] | None = None,
 ) -> dict:
-    """Run one job end to end and write its record; returns the record."""
+    """Run one job end to end and write its record; returns the record (a dict of the Record fields)."""
     method_cls = get_method(job.method)
     method = method_cls(method_cls.make_config(job.profile, **job.method_args))
     ctx = RunContext(
@@ -150,8 +151,6 @@ def run_job(
         profile=job.profile,
         cache_dir=store.root / "cache",
         artifacts_dir=store.root / "artifacts" / job.key,
-        # Real calibration images only for PTQ methods: data-free methods must not see the task's data.
-        calibration=None if method_cls.data_free else (lambda n: task.calibration(job.dataset, n, job.seed)),
     )
     if reporter_msg is not None:
         ctx.progress = reporter_msg
@@ -164,18 +163,10 @@ def run_job(
         for d in (ctx.artifacts_dir, ctx.artifacts_dir.parent):
             with contextlib.suppress(OSError):
                 d.rmdir()  # only succeeds when empty: keeps what a method saved
-    target, metrics = m["target"], m["metrics"]
+    target, metrics, result = m["target"], m["metrics"], m["result"]
 
+    size = _model_size_bits(result.model, target.quant_path, result.resolved_bits)
     notes: list[str] = []
-    bits = parse_bits(job.bits)
-    resolved = ctx.resolved_bits
-    if resolved is None:
-        resolved = bits
-        if not bits.is_fp:
-            notes.append(
-                "method did not report resolved per-layer bits (ctx.record_quantization); size uses the spec"
-            )
-    size = _model_size_bits(m["qmodel"], target.quant_path, resolved)
     if job.is_fp:
         fp_metrics = metrics
     elif fp_metrics is None:
@@ -184,24 +175,25 @@ def run_job(
     timings = {p: float(ctx.timings.get(p, 0.0)) for p in PHASES}
     timings.update({k: float(v) for k, v in ctx.timings.items() if k not in timings})
     timings.update({k: m[k] for k in ("load", "quantize", "evaluation")}, total=time.perf_counter() - t_start)
-    extra = dict(ctx.extra)
-    bit_record = resolved.to_record()
-    record = {
-        "schema": SCHEMA_VERSION,
-        "key": job.key,
-        "job_id": job.job_id,
-        **job.key_parts(),
-        "metrics": metrics,
-        "fp_metrics": fp_metrics,
-        "delta_to_fp": _delta(metrics, fp_metrics),
-        "timings": timings,
-        "peak_memory_mb": round(m["peak_mb"], 2),
-        "peak_memory_method": m["memory_method"],
-        "model_size_bits": size,
-        "bit_spec": {k: v for k, v in bit_record.items() if k != "layers"},
-        "layer_bits": bit_record["layers"],
-        "policy": ctx.policy,
-        "target": {
+    bit_record = result.resolved_bits.to_record()
+    parts = job.key_parts()
+    record = Record(
+        key=job.key,
+        job_id=job.job_id,
+        method=parts["method"], config=parts["config"], model=parts["model"], weights=parts["weights"],
+        task=parts["task"], dataset=parts["dataset"], bits=parts["bits"], seed=parts["seed"],
+        profile=parts["profile"], options=parts.get("options"), method_args=parts.get("method_args"),
+        metrics=metrics,
+        fp_metrics=fp_metrics,
+        delta_to_fp=_delta(metrics, fp_metrics),
+        timings=timings,
+        peak_memory_mb=round(m["peak_mb"], 2),
+        peak_memory_method=m["memory_method"],
+        model_size_bits=size,
+        bit_spec={k: v for k, v in bit_record.items() if k != "layers"},
+        layer_bits=bit_record["layers"],
+        policy=result.policy,
+        target={
             "model_name": target.model_name,
             "quant_path": target.quant_path,
             "family": target.family,
@@ -209,22 +201,25 @@ def run_job(
             "input_spec": asdict(target.input_spec),
             "info": target.info,
         },
-        "method_info": {
+        method_info={
             "class": f"{method_cls.__module__}.{method_cls.__qualname__}",
             "data_free": bool(method_cls.data_free),
-            "summary": getattr(method_cls, "summary", ""),
-            "provenance": dict(getattr(method_cls, "provenance", {})),
+            "data_source": None if job.is_fp else method.source_name(),
+            "summary": method_cls.summary,
+            "provenance": dict(method_cls.provenance),
         },
-        "environment": environment(device),
-        "data": m["data"],  # the task's dataset_info: eval / calibration set sizes and provenance
-        "synthetic_sha256": dict(ctx.image_hashes),
-        "extra": extra,
-        "notes": [*ctx.notes, *notes],
-        "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-    }
-    record = jsonable(record)
-    store.write(record)
-    return record
+        environment=environment(device),
+        data=m["data"],
+        data_sources=dict(ctx.data_sources),
+        image_sha256=dict(ctx.image_hashes),
+        galleries=dict(ctx.galleries_written),
+        extra=dict(ctx.extra),
+        notes=[*result.notes, *ctx.notes, *notes],
+        created=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+    )
+    out = jsonable(record.to_dict())
+    store.write(out)
+    return out
 
 
 def run_jobs(

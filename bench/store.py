@@ -21,7 +21,8 @@ from typing import IO, Any
 
 import pandas as pd
 
-SCHEMA_VERSION = 1
+from bench.record import read_record
+
 KEY_LENGTH = 16
 # The fields a job key is computed from (the record stores each of them at top level).
 KEY_FIELDS = ("method", "config", "model", "weights", "task", "dataset", "bits", "seed", "profile")
@@ -141,6 +142,7 @@ class ResultStore:
         return _read(path) if path.is_file() else None
 
     def write(self, record: Mapping[str, Any]) -> Path:
+        """Write a record (``Record.to_dict()``) atomically under its key."""
         path = self.path(record["key"])
         atomic_write_json(path, record)
         return path
@@ -166,11 +168,14 @@ class ResultStore:
 
 
 def _read(path: Path) -> dict | None:
+    """The record in ``path`` (upgraded to the current schema); None when it is not valid JSON.
+    A record of a schema this version cannot read raises RecordSchemaError (one line, says the fix)."""
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        raw = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as e:
         log.warning("skipping unreadable record %s: %s", path, e)
         return None
+    return read_record(raw, where=str(path))
 
 
 FRAME_COLUMNS = ("key", "job_id", "task", "model", "weights", "dataset", "method", "bits", "seed", "profile")

@@ -1,39 +1,49 @@
-"""The Quantizer interface, the method registry and the per-job RunContext.
+"""The method template, the method registry and the per-job RunContext.
 
-A method is a class decorated with ``@register_method("name")`` that has
-``data_free``, a ``Config`` dataclass (defaults = the paper's settings), a
-``PROFILES`` dict of overrides per profile ("ci", "fast"), a ``provenance`` dict
-(component -> "code-verified" | "paper" | "reconstructed" | "choice", with a
-short note), and ``quantize(target, bits, ctx) -> nn.Module``.
+A method is one class registered with ``@register_method("name")``. :meth:`QuantMethod.quantize` is
+the one driver; a method file implements the hooks it needs, in the order they run:
 
-Third-party methods register through the ``vitq_bench.methods`` entry-point
-group: each entry point names a module (or object) whose import registers it.
+1. ``target_config(target, ctx)``: the config for this target (e.g. det/seg settings; default: as is);
+2. ``calibration_data(target, ctx)``: its images, from the data source named by the config's
+   ``data_source`` field or else the method's ``data_source`` (real images for PTQ, the method's
+   generator for data-free methods); the harness caches, times, hashes and galleries them;
+3. ``build(target, bits, ctx)``: the quantized copy (``policy(target)`` applied to the quant module);
+4. ``calibrate(built, images, target, ctx)``: activation ranges (default: one pass, then freeze);
+5. ``finetune(built, images, target, bits, ctx)``: training after calibration (default: none).
+
+It returns a :class:`QuantResult`. ``bits=fp`` never reaches the hooks: the driver returns the FP
+model. Config (a dataclass whose defaults are the paper's settings), ``PROFILES`` (overrides per
+profile) and ``provenance`` (component -> "code-verified" | "paper" | "reconstructed" | "choice",
+with a note) sit as data at the end of each method file.
+
+Third-party methods register through the ``vitq_bench.methods`` entry-point group (the entry
+point's name is the method name; its value the class, or a module whose import registers it).
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import logging
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from importlib import import_module
-from importlib.metadata import entry_points
 from pathlib import Path
-from typing import Any, ClassVar, Protocol, runtime_checkable
+from typing import Any, ClassVar
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
+from methods.data import SOURCES, obtain
 from methods.quant.bits import BitSpec
+from methods.quant.policy import Policy, apply_policy, calibrate, freeze
+from methods.quant.registry import Registry
 from methods.quant.target import QuantTarget
-from methods.synth.artifacts import tensor_sha256
+from methods.synth.artifacts import save_image_grid, tensor_sha256
 
 KNOWN_PROFILES = ("paper", "fast", "ci")
 PROVENANCE_LEVELS = ("code-verified", "paper", "reconstructed", "choice")
-BUILTIN_MODULES = ("methods.baselines", "methods.psaq_vit_v2", "methods.mimiq")
-ENTRY_POINT_GROUP = "vitq_bench.methods"
 
 
 @dataclass
@@ -45,27 +55,31 @@ class RunContext:
     profile: str
     cache_dir: Path
     artifacts_dir: Path
-    calibration: Callable[[int], torch.Tensor] | None = None  # n -> real images (N,C,H,W); PTQ only
+    # n -> real calibration images (N,C,H,W); only the "real" data source calls it
+    real_images: Callable[[int], Tensor] | None = None
+    use_cache: bool = True  # cache generated images under cache_dir
+    galleries: bool = True  # write PNG galleries of generated images under artifacts_dir
     log: logging.Logger = field(default_factory=lambda: logging.getLogger("vitq"))
     progress: Callable[[str], None] = lambda msg: None
     timings: dict[str, float] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     extra: dict[str, Any] = field(default_factory=dict)  # method-specific record fields
-    # Set by the method (via record_quantization): what actually ran, for the result record.
-    resolved_bits: BitSpec | None = None
-    policy: dict[str, Any] | None = None
-    # name -> SHA-256 of each synthetic batch the method used (record_images): same machine and threads,
-    # same hashes; a changed hash with equal metrics still says the images moved
+    # label -> SHA-256 of each image batch the method used: same machine and threads, same hashes;
+    # a changed hash with equal metrics still says the images moved
     image_hashes: dict[str, str] = field(default_factory=dict)
+    data_sources: dict[str, dict[str, Any]] = field(default_factory=dict)  # label -> source, count
+    galleries_written: dict[str, str] = field(default_factory=dict)  # label -> PNG path
 
-    def record_quantization(self, bits: BitSpec, policy: dict[str, Any] | None = None) -> None:
-        """Report the per-layer bits (resolved BitSpec) and the policy (as data) the method applied."""
-        self.resolved_bits = bits
-        self.policy = policy
+    def record_images(self, label: str, images: Tensor) -> None:
+        """Record the SHA-256 of an image batch under ``label`` for the result record."""
+        self.image_hashes[label] = tensor_sha256(images)
 
-    def record_images(self, name: str, images: torch.Tensor) -> None:
-        """Record the SHA-256 of a synthetic (or calibration) batch under ``name`` for the result record."""
-        self.image_hashes[name] = tensor_sha256(images)
+    def save_gallery(self, label: str, target: QuantTarget, images: Tensor) -> None:
+        """A PNG grid of (at most 64 of) ``images`` under the job's artifacts dir."""
+        if not self.galleries:
+            return
+        path = Path(self.artifacts_dir) / f"{label}.png"
+        self.galleries_written[label] = str(save_image_grid(target.input_spec.denormalize(images[:64]), path))
 
     def generator(self, offset: int = 0) -> torch.Generator:
         """A CPU generator seeded from the job seed (offset separates independent streams)."""
@@ -86,21 +100,36 @@ class RunContext:
             self.log.info(text)
 
 
-@runtime_checkable
-class Quantizer(Protocol):
-    name: str
-    data_free: bool
-    Config: type
-    provenance: dict[str, str]
+@dataclass
+class QuantResult:
+    """What a method returns: the model to evaluate and what was applied to it."""
 
-    def quantize(self, target: QuantTarget, bits: BitSpec, ctx: RunContext) -> nn.Module: ...
+    model: nn.Module
+    resolved_bits: BitSpec  # per-layer bits as applied (the record's layer_bits and model size)
+    policy: dict[str, Any] | None = None  # the placement policy as data
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Built:
+    """The quantized copy the hooks work on."""
+
+    model: nn.Module  # the whole (deep-copied) model
+    qmodule: nn.Module  # its part that carries quantizers (``target.quant_path``)
+    resolved_bits: BitSpec
+    policy: dict[str, Any] | None = None
+
+
+def quant_module(model: nn.Module, target: QuantTarget) -> nn.Module:
+    return model.get_submodule(target.quant_path) if target.quant_path else model
 
 
 class QuantMethod:
-    """Convenience base: holds a resolved config; subclasses implement ``quantize``."""
+    """The template: subclasses set the class attributes and override the hooks they need."""
 
     name: ClassVar[str] = ""
     data_free: ClassVar[bool] = False
+    data_source: ClassVar[str] = "real"  # the source calibration_data uses unless the config names one
     Config: ClassVar[type]
     PROFILES: ClassVar[dict[str, dict[str, Any]]] = {}
     provenance: ClassVar[dict[str, str]] = {}
@@ -127,47 +156,126 @@ class QuantMethod:
         values.update(overrides)
         return dataclasses.replace(cls.Config(), **values)
 
-    def quantize(self, target: QuantTarget, bits: BitSpec, ctx: RunContext) -> nn.Module:
-        raise NotImplementedError
+    # -- the driver ----------------------------------------------------------------------------
+
+    def quantize(self, target: QuantTarget, bits: BitSpec, ctx: RunContext) -> QuantResult:
+        """Run the hooks in order; the FP reference (``bits=fp``) returns the task's model unchanged."""
+        if bits.is_fp:
+            return QuantResult(target.model, bits, None, ["bits=fp: the task's FP model, unchanged"])
+        method = type(self)(self.target_config(target, ctx))
+        images = method.calibration_data(target, ctx)
+        built = method.build(target, bits, ctx)
+        with ctx.timer("calibration"):
+            method.calibrate(built, images, target, ctx)
+        method.finetune(built, images, target, bits, ctx)
+        return QuantResult(built.model.eval(), built.resolved_bits, built.policy)
+
+    # -- hooks, in the order they run ------------------------------------------------------------
+
+    def target_config(self, target: QuantTarget, ctx: RunContext) -> Any:
+        """The config for this target (e.g. the det/seg settings); never modifies ``self.config``."""
+        return self.config
+
+    def source_name(self) -> str:
+        return getattr(self.config, "data_source", None) or self.data_source
+
+    def calibration_data(self, target: QuantTarget, ctx: RunContext) -> Tensor:
+        """The images calibration (and fine-tuning) use, from the configured data source."""
+        name = self.source_name()
+        source = SOURCES.get(name)
+        if source.owner in (None, self.name):
+            config = self.config if source.owner else None
+        else:  # another method's generator: that method's settings at this profile and target
+            owner = get_method(source.owner)
+            config = owner(owner.make_config(ctx.profile)).target_config(target, ctx)
+            ctx.note(f"{self.name}: images from data source {name!r} ({owner.name}'s {ctx.profile} settings)")
+        if self.data_free and not source.data_free:
+            ctx.note(f"{self.name}: data_source={name!r} uses real images: this run is not data-free")
+        n = self.num_images(target) if source.owner in (None, self.name) else source().count(config, target)
+        return obtain(name, target, n, config, ctx).images
+
+    def num_images(self, target: QuantTarget) -> int:
+        """How many calibration images the method asks its source for."""
+        return int(self.config.num_images)
+
+    def policy(self, target: QuantTarget) -> Policy:
+        """Where the quantizers go and which kind (data: see methods.quant.policy)."""
+        raise NotImplementedError(f"{type(self).__name__} must define policy() or override build()")
+
+    def build(self, target: QuantTarget, bits: BitSpec, ctx: RunContext) -> Built:
+        """A deep copy of the FP model with ``policy(target)`` applied to its quant module."""
+        model = copy.deepcopy(target.model).eval()
+        qmod = quant_module(model, target)
+        policy = self.policy(target)
+        resolved = apply_policy(qmod, policy, bits)
+        return Built(model, qmod, resolved, policy.to_dict())
+
+    def calibrate(self, built: Built, images: Tensor, target: QuantTarget, ctx: RunContext) -> None:
+        """One forward of the whole copied model on ``images`` (the quant module may be a backbone
+        inside it), then freeze: activation ranges fixed, fake-quantized weights cached."""
+        device = next(built.model.parameters()).device
+        model = built.model
+        calibrate(built.qmodule, [images.to(device)], forward=lambda _m, x: model(x))
+        freeze(built.qmodule)
+
+    def finetune(self, built: Built, images: Tensor, target: QuantTarget, bits: BitSpec,
+                 ctx: RunContext) -> None:
+        """Training after calibration, in place on ``built`` (default: none)."""
 
 
-_METHODS: dict[str, type] = {}
-_loaded = False
+# ---------------------------------------------------------------------------------------------
+# Registry
 
 
-def register_method(name: str) -> Callable[[type], type]:
-    def deco(cls: type) -> type:
-        if name in _METHODS and _METHODS[name] is not cls:
-            raise ValueError(f"method {name!r} is registered twice ({_METHODS[name]} and {cls})")
-        provenance = getattr(cls, "provenance", {})
-        bad = {k: v for k, v in provenance.items() if v.split(":")[0] not in PROVENANCE_LEVELS}
-        if bad:
-            raise ValueError(f"method {name!r}: provenance levels must be one of {PROVENANCE_LEVELS}: {bad}")
-        cls.name = name
-        _METHODS[name] = cls
+def _validate(name: str, cls: type) -> None:
+    if not (isinstance(cls, type) and issubclass(cls, QuantMethod)):
+        raise ValueError(f"method {name!r} must be a QuantMethod subclass, got {cls!r}")
+    bad = {k: v for k, v in cls.provenance.items() if v.split(":")[0] not in PROVENANCE_LEVELS}
+    if bad:
+        raise ValueError(f"method {name!r}: provenance levels must be one of {PROVENANCE_LEVELS}: {bad}")
+
+
+METHODS: Registry[type[QuantMethod]] = Registry(
+    "method",
+    builtins={
+        "fp": "methods.baselines",
+        "minmax-ptq": "methods.baselines",
+        "noise-ptq": "methods.baselines",
+        "psaq-vit": "methods.baselines",
+        "psaq-vit-v2": "methods.psaq_vit_v2",
+        "mimiq": "methods.mimiq",
+    },
+    entry_point_group="vitq_bench.methods",
+    validate=_validate,
+)
+
+
+def register_method(
+    name: str,
+    *,
+    config: type | None = None,
+    profiles: dict[str, dict[str, Any]] | None = None,
+    provenance: dict[str, str] | None = None,
+) -> Callable[[type[QuantMethod]], type[QuantMethod]]:
+    """Register a method class; ``config`` / ``profiles`` / ``provenance`` (when given) become its
+    ``Config`` / ``PROFILES`` / ``provenance``, so a method file can keep them as data at its end."""
+
+    def deco(cls: type[QuantMethod]) -> type[QuantMethod]:
+        if config is not None:
+            cls.Config = config
+        if profiles is not None:
+            cls.PROFILES = profiles
+        if provenance is not None:
+            cls.provenance = provenance
+        METHODS.add(name, cls)
         return cls
 
     return deco
 
 
-def _load_all() -> None:
-    global _loaded
-    if _loaded:
-        return
-    for mod in BUILTIN_MODULES:
-        import_module(mod)
-    for ep in entry_points(group=ENTRY_POINT_GROUP):
-        ep.load()  # importing registers the method
-    _loaded = True  # only once every import succeeded, so a failure is not hidden next time
-
-
 def available_methods() -> list[str]:
-    _load_all()
-    return list(_METHODS)
+    return METHODS.names()
 
 
-def get_method(name: str) -> type:
-    _load_all()
-    if name not in _METHODS:
-        raise KeyError(f"unknown method {name!r}; valid: {', '.join(_METHODS)}")
-    return _METHODS[name]
+def get_method(name: str) -> type[QuantMethod]:
+    return METHODS.get(name)

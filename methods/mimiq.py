@@ -8,7 +8,8 @@ hfutqian/MaskAQ (folder ``MaskAQ/``; MaskAQ's own additions are not implemented)
    symmetric min-max weights recomputed at every step (identity STE); per-tensor LSQ activations with
    learnable step and zero-point initialised from the first batch
    (:class:`methods.quant.qat_quantizers.FirstBatchLSQQuantizer`); the image input stays FP.
-2. Generation (1.3): :func:`methods.synth.interhead_generation.generate_interhead_images`.
+2. Generation (1.3): the ``mimiq`` data source (:class:`InterHeadImages`, on
+   :func:`methods.synth.interhead_generation.generate_interhead_images`).
 3. Fine-tuning (1.4): logit KD (T = 5) + γ·head-wise structural attention distillation on ``attn@v``,
    SGD-Nesterov, SimCLR-style batch augmentation, LSQ warm-up (no steps in the first epochs). The last
    epoch is returned: no selection on evaluation data.
@@ -23,12 +24,13 @@ import copy
 import dataclasses
 import math
 from dataclasses import dataclass
-from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from methods.base import QuantMethod, RunContext, register_method
+from methods.base import Built, QuantMethod, RunContext, quant_module, register_method
+from methods.data import DataSource, register_source
 from methods.quant.attention_distill import head_structural_distill_loss
 from methods.quant.bits import BitSpec
 from methods.quant.distill import feature_nmse, kl_logits, student_parameters, student_step
@@ -41,7 +43,6 @@ from methods.quant.qat_quantizers import (
 from methods.quant.quantizers import FakeQuantizer, LSQQuantizer, QuantizerSpec, UniformQuantizer
 from methods.quant.surgery import AttentionRecorder
 from methods.quant.target import QuantTarget
-from methods.synth.artifacts import cache_key, cached_tensor, save_image_grid
 from methods.synth.batch_augment import BatchAugment, simclr_batch_augment
 from methods.synth.interhead_generation import MIMIQ_TV_REFERENCE, generate_interhead_images
 from methods.synth.priors import scale_jitter_limit, tv_target_scale
@@ -116,192 +117,28 @@ def install_mimiq_quantizers(
 
 
 # ---------------------------------------------------------------------------------------------
-# Method
+# MimiQ's images: the "mimiq" data source
 
 
-@register_method("mimiq")
-class MimiQ(QuantMethod):
-    """MimiQ: inter-head-similar synthetic images, then QAT with head-wise attention distillation."""
+GEN_FIELDS = (
+    "num_images", "gen_batch_size", "gen_iterations", "gen_lr", "gen_betas", "gen_eps",
+    "gen_weight_decay", "gen_eta_min", "jitter", "jitter_reference_size", "ih_weight", "ce_weight",
+    "tv_weight", "tv_diag_sqrt2", "tv_scale_to_input", "noise_std", "color_mean", "color_std",
+)
 
-    data_free = True
-    summary = "MimiQ (AAAI'25): inter-head attention similarity DFQ + head-wise structural distillation"
 
-    @dataclass
-    class Config:
-        # generation (spec 1.3)
-        num_images: int = 10000
-        gen_batch_size: int = 16
-        gen_iterations: int = 2000
-        gen_lr: float = 0.1
-        gen_betas: tuple[float, float] = (0.9, 0.999)
-        gen_eps: float = 1e-8
-        gen_weight_decay: float = 1e-6
-        gen_eta_min: float = 1e-3
-        jitter: tuple[int, int] = (8, 16)  # first / second half of the steps, pixels at 224
-        jitter_reference_size: int = 224
-        ih_weight: float = 1.0
-        ce_weight: float = 1.0
-        tv_weight: float = 2.5e-5
-        tv_diag_sqrt2: bool = False  # MaskAQ's copy divides the diagonal TV terms by sqrt(2)
-        tv_scale_to_input: bool = True  # weight / sqrt(B*C*H*W / (16*3*224*224)): see provenance
-        noise_std: float = 0.5
-        color_mean: float = 1.0
-        color_std: float = 1.0
-        # quantizer (spec 1.2)
-        lsq_g_scale: float = 1.0  # nested layers: the value the released code gives them (see provenance)
-        # layers that are direct children of the model (ViT/DeiT: head, head_dist): main.py's
-        # --lsq_g_scale default reaches only these; 1.0 gives every layer the same scale
-        lsq_g_scale_top_level: float = 0.01
-        lsq_scale_zero_point_grad: bool = False
-        weight_identity_ste: bool = True
-        # fine-tuning (spec 1.4)
-        epochs: int = 100
-        epochs_base_models: int = 200  # models whose name contains "_base_"
-        batch_size: int = 16
-        lr: float = 1e-3
-        lr_policy: str = "multi_step"  # "multi_step" | "const"
-        lr_steps: tuple[int, ...] = (50, 100)
-        lr_decay: float = 0.1
-        momentum: float = 0.9
-        nesterov: bool = True
-        weight_decay: float = 0.0
-        quantizer_lr_scale: float = 1.0  # lr multiplier for the LSQ steps / zero-points (1 = released code)
-        temperature: float = 5.0
-        kd_alpha: float = 1.0
-        had_weight: float = 10.0  # gamma
-        feature_weight: float = 1.0  # det/seg: stage-feature NMSE replaces the logit KD
-        warmup_epochs: int = 5
-        lsq_less_unfreeze: int = 3  # optimiser steps from epoch warmup_epochs - lsq_less_unfreeze
-        augment: bool = True
-        # cap on the synthetic set, in values (images x C x H x W); None = no cap. Keeps a profile's
-        # cost bounded across tasks: ci's cap leaves the 28/32-px classifiers alone and gives the 128-px
-        # dense models 8 images (the batch sizes follow)
-        max_total_pixels: int | None = None
-        use_cache: bool = True
-        save_grid: bool = True
+@register_source("mimiq")
+class InterHeadImages(DataSource):
+    """Images whose attention heads agree (MimiQ's generator), configured by MimiQConfig."""
 
-    PROFILES = {
-        "ci": {
-            "num_images": 128, "gen_batch_size": 32, "gen_iterations": 100,
-            # 128 images instead of 10k and 40 steps instead of ~60k: a 10x smaller lr keeps the weights
-            # close to the teacher, and the LSQ steps / zero-points (gradients scaled by ~1e-3) get a 100x
-            # lr so they can still move (see provenance "ci profile")
-            "epochs": 12, "epochs_base_models": 12, "batch_size": 32, "lr": 1e-4, "lr_steps": (8,),
-            "quantizer_lr_scale": 100.0,
-            "max_total_pixels": 128 * 3 * 32 * 32,
-        },
-    }
-    provenance = {
-        "placement": "code-verified: every nn.Linear, nn.Conv2d and attention MatMul quantized (weights + "
-        "inputs, both matmul operands incl. post-softmax A); LN/softmax/GELU/residuals FP; the first layer's "
-        "input (image) FP, head at the model's bits (quant_modules.py:860-889, 932-948)",
-        "weight quantizer": "code-verified: per-output-channel symmetric min-max recomputed every forward, "
-        "inverse step k=(2^b-1)/clamp(2 max|w|, 1e-8), round(k w) / k in ZeroQ's arithmetic (arith='zeroq'), "
-        "identity straight-through gradient (quant_utils.py:119-147, 207-239; "
-        "quant_modules.py:318-346)",
-        "activation quantizer": "code-verified: per-tensor LSQ, learnable step and zero-point; first batch: "
-        "signed window if min<1e-5, step 2 mean|x|/sqrt(qmax), zero-point 0.1 (min - step qmax), gradient "
-        "scale 1/sqrt(numel qmax) on the step only (zero-point's scaled copy is overwritten, L214-217); "
-        "lsq_g_scale as released: 0.01 (main.py's default) on layers that are direct children of the model "
-        "(ViT/DeiT head and head_dist), 1.0 on every nested layer, because quantize_model recurses without "
-        "passing it on (quant_modules.py:133-229, quantize_model; fields lsq_g_scale_top_level, lsq_g_scale)",
-        "generation loss": "code-verified: L_IH + CE(random labels) + 2.5e-5 TV on the un-augmented "
-        "images; L_IH = mean(1-SSIM^2) of global SSIM between min-max normalised pre-softmax logit maps of "
-        "every head pair per query, prefix tokens dropped; Swin per window, per-layer mean "
-        "(hydra_image_gen_ssim_att_map.py:246-304, 405-428)",
-        "grid generalisation": "choice: the 14x14 / 7x7 reshape is dropped; a global SSIM only takes means "
-        "over all keys, so any patch grid or window size gives the released values at 224 px",
-        "tv form": "choice: DeepInversion TV (no 1/sqrt(2) on diagonals, spec 1.9; flag tv_diag_sqrt2); "
-        "weight divided by sqrt(B*C*H*W / (16*3*224*224)) so the per-pixel prior matches the paper "
-        "setting (factor 1 there; flag tv_scale_to_input)",
-        "generation schedule": "code-verified: x ~ N(0,1) normalised, AdamW(lr 0.1, betas (0.9, 0.999), eps "
-        "1e-8, wd 1e-6), cosine to 1e-3 over 2000 steps, clamp to the valid range, NaN batches dropped "
-        "(L361-440); batch 16, 10k images (spec 1.3)",
-        "generation augmentation": "code-verified: roll by independent offsets in H, W, J=8 then 16 px; "
-        "per-sample per-channel offset N(0,1)*0.5*r/iters with the released decay r=(iters-2-t) mod iters; "
-        "colour (x-m)/s, m~U(-1,1), s=exp(U(-1,1)) (L371-395, image_gen_aug_utils.py:6-39); J rescaled "
-        "by image size/224 (choice)",
-        "distillation": "code-verified: T^2 KL(teacher||student) at T=5 (kd_scale 1, ce_scale 0) + 10 * "
-        "(1 - mean contrast-structure SSIM) between teacher and student attn@v per head and channel over "
-        "tokens, prefix tokens dropped, mean over blocks (trainer.py:27-103, 395-407)",
-        "finetune schedule": "reconstructed: SGD momentum 0.9 Nesterov, wd 0, bs 16, both models in eval(), "
-        "all student parameters incl. LSQ step/zero-point trained; no optimiser steps before epoch "
-        "warmup_epochs-3 = 2 (code-verified, trainer.py:529-540; those epochs change nothing, so only the "
-        "LSQ-initialising first batch is run); lr 1e-3 multi-step x0.1 at epoch 50 (MaskAQ README example; "
-        "MimiQ's per-model lr is not published, hocon default 1e-6 const); 100 epochs, 200 for base models",
-        "batch augmentation": "code-verified: one draw per batch: RandomResizedCrop, flip, ColorJitter(0.8, "
-        "0.8, 0.8, 0.2) p=0.8 in [0,1] space, grayscale p=0.2, Gaussian blur k=2*floor(int(0.1*size)/2)+1 "
-        "sigma~U(0.1,2) (trainer.py:325-356, gaussian_blur.py)",
-        "model selection": "choice: the last epoch is returned (the released code keeps the best "
-        "ImageNet-val epoch, spec 1.8)",
-        "det/seg": "choice: no class logits: generation drops CE; fine-tuning replaces the logit KD by the "
-        "normalised MSE of the backbone stage features (methods.quant.distill.feature_nmse) and keeps L_HAD "
-        "on the backbone's window attention; only the quantized backbone is trained",
-        "randomness": "choice: torch generators from the job seed replace python/numpy random",
-        "ci profile": "choice: 128 images x 100 generation steps (batch 32), 12 epochs (10 with steps) at "
-        "batch 32, lr 1e-4 multi-step x0.1 at epoch 8, quantizer (LSQ step / zero-point) lr x100; at most "
-        "128x3x32x32 synthetic values (8 images on the 128-px dense mini models). lr in {1e-3, 1e-4} x the "
-        "quantizer multiplier in {1, 100} chosen at w4a4, seed 0, by teacher agreement / KL on the real "
-        "calibration split of the three mini classifiers, no labels and no evaluation data "
-        "(scripts/select_profile.py; results/profile_selection/mimiq_ci_w4a4.jsonl: mean agreement 83.6 / "
-        "86.7 / 86.6 / 89.7 for (1e-3,1) / (1e-3,100) / (1e-4,1) / (1e-4,100), re-run after the "
-        "released-arithmetic and head gradient-scale fixes: same choice)",
-    }
+    owner = "mimiq"
+    key_fields = GEN_FIELDS
+    summary = "MimiQ: inter-head attention similarity + CE + TV prior"
 
-    # -- helpers -------------------------------------------------------------------------------
-
-    def _epochs(self, target: QuantTarget) -> int:
-        return self.config.epochs_base_models if "_base_" in target.model_name else self.config.epochs
-
-    def _effective_config(self, target: QuantTarget, ctx: RunContext):
-        """The config with ``max_total_pixels`` applied to the image count and batch sizes."""
-        cfg = self.config
-        if cfg.max_total_pixels is None:
-            return cfg
-        spec = target.input_spec
-        per_image = spec.in_chans * spec.image_size[0] * spec.image_size[1]
-        n = max(1, min(cfg.num_images, cfg.max_total_pixels // per_image))
-        if n == cfg.num_images:
-            return cfg
-        shape = "x".join(str(v) for v in (spec.in_chans, *spec.image_size))
-        ctx.note(f"mimiq: max_total_pixels={cfg.max_total_pixels} caps the synthetic set at {n} images "
-                 f"(of {cfg.num_images}) for {shape} inputs")
-        return dataclasses.replace(cfg, num_images=n, gen_batch_size=min(cfg.gen_batch_size, n),
-                                   batch_size=min(cfg.batch_size, n))
-
-    def _lr(self, epoch: int) -> float:
-        cfg = self.config
-        if cfg.lr_policy == "const":
-            return cfg.lr
-        if cfg.lr_policy == "multi_step":  # utils/lr_policy.py: one decay per step s with epoch + 1 > s
-            return cfg.lr * cfg.lr_decay ** sum(1 for s in cfg.lr_steps if epoch + 1 > s)
-        raise ValueError(f"lr_policy {cfg.lr_policy!r} not in ('multi_step', 'const')")
-
-    # -- generation ----------------------------------------------------------------------------
-
-    _GEN_FIELDS = (
-        "num_images", "gen_batch_size", "gen_iterations", "gen_lr", "gen_betas", "gen_eps",
-        "gen_weight_decay", "gen_eta_min", "jitter", "jitter_reference_size", "ih_weight", "ce_weight",
-        "tv_weight", "tv_diag_sqrt2", "tv_scale_to_input", "noise_std", "color_mean", "color_std",
-    )
-
-    def generate(self, target: QuantTarget, ctx: RunContext) -> Tensor:
-        """The synthetic images (normalised, CPU), from the cache when available."""
-        cfg = self.config
+    def make(self, target: QuantTarget, n: int, config: Any, ctx: RunContext) -> Tensor:
+        cfg = dataclasses.replace(config, num_images=n)
         if target.logits is None:
             ctx.note("mimiq: task has no class logits; generation drops the CE term (L_IH + TV only)")
-        key_cfg = {k: getattr(cfg, k) for k in self._GEN_FIELDS}
-        key = cache_key(self.name, target.model_name, key_cfg, ctx.seed, weights=target.info.get("weights"))
-        path = Path(ctx.cache_dir) / f"{self.name}-{target.model_name}-{key}.pt"
-        if not cfg.use_cache:
-            return self._run_generation(target, ctx)
-        images, hit = cached_tensor(path, lambda: self._run_generation(target, ctx))
-        if hit:
-            ctx.note(f"mimiq: synthetic images loaded from cache {path.name}")
-        return images
-
-    def _run_generation(self, target: QuantTarget, ctx: RunContext) -> Tensor:
-        cfg = self.config
         spec = target.input_spec
         hooked = target.quant_module
         device = next(hooked.parameters()).device
@@ -343,13 +180,42 @@ class MimiQ(QuantMethod):
         }
         return result.images
 
-    # -- quantize ------------------------------------------------------------------------------
 
-    def build_student(self, target: QuantTarget, bits: BitSpec, ctx: RunContext) -> nn.Module:
+# ---------------------------------------------------------------------------------------------
+# The method
+
+
+class MimiQ(QuantMethod):
+    """MimiQ: inter-head-similar synthetic images, then QAT with head-wise attention distillation."""
+
+    data_free = True
+    data_source = "mimiq"
+    summary = "MimiQ (AAAI'25): inter-head attention similarity DFQ + head-wise structural distillation"
+
+    def target_config(self, target: QuantTarget, ctx: RunContext) -> Any:
+        """``max_total_pixels`` applied to the image count and batch sizes; the model's epoch count."""
+        cfg = self.config
+        epochs = dict(cfg.epochs_per_model).get(target.model_name, cfg.epochs)
+        if epochs != cfg.epochs:
+            cfg = dataclasses.replace(cfg, epochs=epochs)
+        if cfg.max_total_pixels is None:
+            return cfg
+        spec = target.input_spec
+        per_image = spec.in_chans * spec.image_size[0] * spec.image_size[1]
+        n = max(1, min(cfg.num_images, cfg.max_total_pixels // per_image))
+        if n == cfg.num_images:
+            return cfg
+        shape = "x".join(str(v) for v in (spec.in_chans, *spec.image_size))
+        ctx.note(f"mimiq: max_total_pixels={cfg.max_total_pixels} caps the synthetic set at {n} images "
+                 f"(of {cfg.num_images}) for {shape} inputs")
+        return dataclasses.replace(cfg, num_images=n, gen_batch_size=min(cfg.gen_batch_size, n),
+                                   batch_size=min(cfg.batch_size, n))
+
+    def build(self, target: QuantTarget, bits: BitSpec, ctx: RunContext) -> Built:
         """A deep copy of the FP model with MimiQ's quantizers on the quant module (not yet initialised)."""
         cfg = self.config
         student = copy.deepcopy(target.model).eval()
-        qmod = student.get_submodule(target.quant_path) if target.quant_path else student
+        qmod = quant_module(student, target)
         policy = mimiq_policy(first_layer(qmod))
         resolved = apply_policy(qmod, policy, bits)
         counts = install_mimiq_quantizers(
@@ -363,44 +229,35 @@ class MimiQ(QuantMethod):
             else "masked STE",
             "counts": counts,
         }
-        ctx.record_quantization(resolved, record)
-        return student
+        return Built(student, qmod, resolved, record)
 
-    def quantize(self, target: QuantTarget, bits: BitSpec, ctx: RunContext) -> nn.Module:
-        # a per-target copy (as psaq-vit-v2's for_target): this instance's config is never modified
-        return type(self)(self._effective_config(target, ctx))._quantize(target, bits, ctx)
+    def calibrate(self, built: Built, images: Tensor, target: QuantTarget, ctx: RunContext) -> None:
+        """Nothing before training: as released, each LSQ step and zero-point initialises from the first
+        fine-tuning batch (FirstBatchLSQQuantizer), which :meth:`distill` runs first."""
 
-    def _quantize(self, target: QuantTarget, bits: BitSpec, ctx: RunContext) -> nn.Module:
-        if bits.is_fp:
-            ctx.note("mimiq: bits=fp, nothing to quantize; generation and fine-tuning skipped")
-            ctx.record_quantization(bits.with_layers({}))
-            return copy.deepcopy(target.model).eval()
-        with ctx.timer("generation"):
-            images = self.generate(target, ctx)
-        ctx.record_images("synthetic", images)
-        if self.config.save_grid:
-            path = Path(ctx.artifacts_dir) / f"{self.name}_images.png"
-            grid = save_image_grid(target.input_spec.denormalize(images[:64]), path)
-            ctx.extra["synthetic_images"] = str(grid)
-        student = self.build_student(target, bits, ctx)
+    def _lr(self, epoch: int) -> float:
+        cfg = self.config
+        if cfg.lr_policy == "const":
+            return cfg.lr
+        if cfg.lr_policy == "multi_step":  # utils/lr_policy.py: one decay per step s with epoch + 1 > s
+            return cfg.lr * cfg.lr_decay ** sum(1 for s in cfg.lr_steps if epoch + 1 > s)
+        raise ValueError(f"lr_policy {cfg.lr_policy!r} not in ('multi_step', 'const')")
+
+    def finetune(self, built: Built, images: Tensor, target: QuantTarget, bits: BitSpec,
+                 ctx: RunContext) -> None:
+        """Distil the FP teacher into the student on the synthetic images (in place); the last epoch is
+        kept. Then freeze: training done, the fake-quantized weights are cached for evaluation."""
         with ctx.timer("finetune"):
-            self.finetune(target, student, images, ctx)
-        qmod = student.get_submodule(target.quant_path) if target.quant_path else student
-        freeze(qmod)  # training done: cache the fake-quantized weights for evaluation
-        for p in student.parameters():
+            self.distill(target, built.model, images, ctx)
+        freeze(built.qmodule)
+        for p in built.model.parameters():
             p.requires_grad_(False)
-        return student.eval()
 
-    # -- fine-tuning ---------------------------------------------------------------------------
-
-    def finetune(self, target: QuantTarget, student: nn.Module, images: Tensor, ctx: RunContext) -> None:
-        """Distil the FP teacher into ``student`` on the synthetic images (in place); last epoch kept."""
+    def distill(self, target: QuantTarget, student: nn.Module, images: Tensor, ctx: RunContext) -> None:
         cfg = self.config
         teacher = target.model.eval()
         device = next(teacher.parameters()).device
-        t_mod, s_mod = target.quant_module, (
-            student.get_submodule(target.quant_path) if target.quant_path else student
-        )
+        t_mod, s_mod = target.quant_module, quant_module(student, target)
         drop = target.prefix_tokens
         has_logits = target.logits is not None
         if not has_logits:
@@ -417,7 +274,7 @@ class MimiQ(QuantMethod):
         n = images.shape[0]
         bs = min(cfg.batch_size, n)
         steps_per_epoch = math.ceil(n / bs)
-        epochs = self._epochs(target)
+        epochs = cfg.epochs
         first_step_epoch = max(cfg.warmup_epochs - cfg.lsq_less_unfreeze, 0)
         parts: dict[str, float] = {}
         history: list[dict[str, float]] = []
@@ -495,4 +352,142 @@ class MimiQ(QuantMethod):
         return 100.0 * agree / images.shape[0]
 
 
-__all__ = ["MimiQ", "mimiq_policy", "first_layer", "install_mimiq_quantizers"]
+# ---------------------------------------------------------------------------------------------
+# Config, profiles and provenance (data)
+
+
+@dataclass
+class MimiQConfig:
+    # generation (spec 1.3)
+    num_images: int = 10000
+    gen_batch_size: int = 16
+    gen_iterations: int = 2000
+    gen_lr: float = 0.1
+    gen_betas: tuple[float, float] = (0.9, 0.999)
+    gen_eps: float = 1e-8
+    gen_weight_decay: float = 1e-6
+    gen_eta_min: float = 1e-3
+    jitter: tuple[int, int] = (8, 16)  # first / second half of the steps, pixels at 224
+    jitter_reference_size: int = 224
+    ih_weight: float = 1.0
+    ce_weight: float = 1.0
+    tv_weight: float = 2.5e-5
+    tv_diag_sqrt2: bool = False  # MaskAQ's copy divides the diagonal TV terms by sqrt(2)
+    tv_scale_to_input: bool = True  # weight / sqrt(B*C*H*W / (16*3*224*224)): see provenance
+    noise_std: float = 0.5
+    color_mean: float = 1.0
+    color_std: float = 1.0
+    # quantizer (spec 1.2)
+    lsq_g_scale: float = 1.0  # nested layers: the value the released code gives them (see provenance)
+    # layers that are direct children of the model (ViT/DeiT: head, head_dist): main.py's
+    # --lsq_g_scale default reaches only these; 1.0 gives every layer the same scale
+    lsq_g_scale_top_level: float = 0.01
+    lsq_scale_zero_point_grad: bool = False
+    weight_identity_ste: bool = True
+    # fine-tuning (spec 1.4)
+    epochs: int = 100
+    # per-model epochs where the paper trains longer (base models: 200); other models get ``epochs``
+    epochs_per_model: tuple[tuple[str, int], ...] = (
+        ("deit_base_patch16_224", 200), ("vit_base_patch16_224", 200),
+    )
+    batch_size: int = 16
+    lr: float = 1e-3
+    lr_policy: str = "multi_step"  # "multi_step" | "const"
+    lr_steps: tuple[int, ...] = (50, 100)
+    lr_decay: float = 0.1
+    momentum: float = 0.9
+    nesterov: bool = True
+    weight_decay: float = 0.0
+    quantizer_lr_scale: float = 1.0  # lr multiplier for the LSQ steps / zero-points (1 = released code)
+    temperature: float = 5.0
+    kd_alpha: float = 1.0
+    had_weight: float = 10.0  # gamma
+    feature_weight: float = 1.0  # det/seg: stage-feature NMSE replaces the logit KD
+    warmup_epochs: int = 5
+    lsq_less_unfreeze: int = 3  # optimiser steps from epoch warmup_epochs - lsq_less_unfreeze
+    augment: bool = True
+    # cap on the synthetic set, in values (images x C x H x W); None = no cap. Keeps a profile's
+    # cost bounded across tasks: ci's cap leaves the 28/32-px classifiers alone and gives the 128-px
+    # dense models 8 images (the batch sizes follow)
+    max_total_pixels: int | None = None
+    data_source: str | None = None  # None: the "mimiq" source (the inter-head generator above)
+
+
+
+MIMIQ_PROFILES = {
+    "ci": {
+        "num_images": 128, "gen_batch_size": 32, "gen_iterations": 100,
+        # 128 images instead of 10k and 40 steps instead of ~60k: a 10x smaller lr keeps the weights
+        # close to the teacher, and the LSQ steps / zero-points (gradients scaled by ~1e-3) get a 100x
+        # lr so they can still move (see provenance "ci profile")
+        "epochs": 12, "epochs_per_model": (), "batch_size": 32, "lr": 1e-4, "lr_steps": (8,),
+        "quantizer_lr_scale": 100.0,
+        "max_total_pixels": 128 * 3 * 32 * 32,
+    },
+}
+
+MIMIQ_PROVENANCE = {
+    "placement": "code-verified: every nn.Linear, nn.Conv2d and attention MatMul quantized (weights + "
+    "inputs, both matmul operands incl. post-softmax A); LN/softmax/GELU/residuals FP; the first layer's "
+    "input (image) FP, head at the model's bits (quant_modules.py:860-889, 932-948)",
+    "weight quantizer": "code-verified: per-output-channel symmetric min-max recomputed every forward, "
+    "inverse step k=(2^b-1)/clamp(2 max|w|, 1e-8), round(k w) / k in ZeroQ's arithmetic (arith='zeroq'), "
+    "identity straight-through gradient (quant_utils.py:119-147, 207-239; "
+    "quant_modules.py:318-346)",
+    "activation quantizer": "code-verified: per-tensor LSQ, learnable step and zero-point; first batch: "
+    "signed window if min<1e-5, step 2 mean|x|/sqrt(qmax), zero-point 0.1 (min - step qmax), gradient "
+    "scale 1/sqrt(numel qmax) on the step only (zero-point's scaled copy is overwritten, L214-217); "
+    "lsq_g_scale as released: 0.01 (main.py's default) on layers that are direct children of the model "
+    "(ViT/DeiT head and head_dist), 1.0 on every nested layer, because quantize_model recurses without "
+    "passing it on (quant_modules.py:133-229, quantize_model; fields lsq_g_scale_top_level, lsq_g_scale)",
+    "generation loss": "code-verified: L_IH + CE(random labels) + 2.5e-5 TV on the un-augmented "
+    "images; L_IH = mean(1-SSIM^2) of global SSIM between min-max normalised pre-softmax logit maps of "
+    "every head pair per query, prefix tokens dropped; Swin per window, per-layer mean "
+    "(hydra_image_gen_ssim_att_map.py:246-304, 405-428)",
+    "grid generalisation": "choice: the 14x14 / 7x7 reshape is dropped; a global SSIM only takes means "
+    "over all keys, so any patch grid or window size gives the released values at 224 px",
+    "tv form": "choice: DeepInversion TV (no 1/sqrt(2) on diagonals, spec 1.9; flag tv_diag_sqrt2); "
+    "weight divided by sqrt(B*C*H*W / (16*3*224*224)) so the per-pixel prior matches the paper "
+    "setting (factor 1 there; flag tv_scale_to_input)",
+    "generation schedule": "code-verified: x ~ N(0,1) normalised, AdamW(lr 0.1, betas (0.9, 0.999), eps "
+    "1e-8, wd 1e-6), cosine to 1e-3 over 2000 steps, clamp to the valid range, NaN batches dropped "
+    "(L361-440); batch 16, 10k images (spec 1.3)",
+    "generation augmentation": "code-verified: roll by independent offsets in H, W, J=8 then 16 px; "
+    "per-sample per-channel offset N(0,1)*0.5*r/iters with the released decay r=(iters-2-t) mod iters; "
+    "colour (x-m)/s, m~U(-1,1), s=exp(U(-1,1)) (L371-395, image_gen_aug_utils.py:6-39); J rescaled "
+    "by image size/224 (choice)",
+    "distillation": "code-verified: T^2 KL(teacher||student) at T=5 (kd_scale 1, ce_scale 0) + 10 * "
+    "(1 - mean contrast-structure SSIM) between teacher and student attn@v per head and channel over "
+    "tokens, prefix tokens dropped, mean over blocks (trainer.py:27-103, 395-407)",
+    "finetune schedule": "reconstructed: SGD momentum 0.9 Nesterov, wd 0, bs 16, both models in eval(), "
+    "all student parameters incl. LSQ step/zero-point trained; no optimiser steps before epoch "
+    "warmup_epochs-3 = 2 (code-verified, trainer.py:529-540; those epochs change nothing, so only the "
+    "LSQ-initialising first batch is run); lr 1e-3 multi-step x0.1 at epoch 50 (MaskAQ README example; "
+    "MimiQ's per-model lr is not published, hocon default 1e-6 const); 100 epochs, 200 for base models "
+    "(field epochs_per_model)",
+    "batch augmentation": "code-verified: one draw per batch: RandomResizedCrop, flip, ColorJitter(0.8, "
+    "0.8, 0.8, 0.2) p=0.8 in [0,1] space, grayscale p=0.2, Gaussian blur k=2*floor(int(0.1*size)/2)+1 "
+    "sigma~U(0.1,2) (trainer.py:325-356, gaussian_blur.py)",
+    "model selection": "choice: the last epoch is returned (the released code keeps the best "
+    "ImageNet-val epoch, spec 1.8)",
+    "det/seg": "choice: no class logits: generation drops CE; fine-tuning replaces the logit KD by the "
+    "normalised MSE of the backbone stage features (methods.quant.distill.feature_nmse) and keeps L_HAD "
+    "on the backbone's window attention; only the quantized backbone is trained",
+    "randomness": "choice: torch generators from the job seed replace python/numpy random",
+    "ci profile": "choice: 128 images x 100 generation steps (batch 32), 12 epochs (10 with steps) at "
+    "batch 32, lr 1e-4 multi-step x0.1 at epoch 8, quantizer (LSQ step / zero-point) lr x100; at most "
+    "128x3x32x32 synthetic values (8 images on the 128-px dense mini models). lr in {1e-3, 1e-4} x the "
+    "quantizer multiplier in {1, 100} chosen at w4a4, seed 0, by teacher agreement / KL on the real "
+    "calibration split of the three mini classifiers, no labels and no evaluation data "
+    "(scripts/select_profile.py; results/profile_selection/mimiq_ci_w4a4.jsonl: mean agreement 83.6 / "
+    "86.7 / 86.6 / 89.7 for (1e-3,1) / (1e-3,100) / (1e-4,1) / (1e-4,100), re-run after the "
+    "released-arithmetic and head gradient-scale fixes: same choice)",
+}
+
+
+
+register_method("mimiq", config=MimiQConfig, profiles=MIMIQ_PROFILES, provenance=MIMIQ_PROVENANCE)(MimiQ)
+
+__all__ = [
+    "MimiQ", "MimiQConfig", "InterHeadImages", "mimiq_policy", "first_layer", "install_mimiq_quantizers",
+]

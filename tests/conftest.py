@@ -17,3 +17,28 @@ def seed() -> int:
     random.seed(s)
     torch.manual_seed(s)
     return s
+
+
+
+@pytest.fixture
+def tiny_vit_model():
+    """A fresh prepared 2-block ViT (seed 0) on 1x16x16 inputs: tests/tiny.py holds the builders."""
+    from tiny import tiny_vit
+
+    return tiny_vit()
+
+
+@pytest.fixture
+def tiny_swin_model():
+    """A fresh prepared 2-stage Swin (seed 0) on 1x16x16 inputs."""
+    from tiny import tiny_swin
+
+    return tiny_swin()
+
+
+@pytest.fixture
+def run_ctx(tmp_path):
+    """A CPU RunContext under tmp_path (seed 0, no cache, no galleries, no real images)."""
+    from tiny import make_ctx
+
+    return make_ctx(tmp_path)

@@ -3,60 +3,23 @@
 from __future__ import annotations
 
 import dataclasses
-import logging
 
 import pytest
 import torch
-from timm.models.swin_transformer import SwinTransformer
-from timm.models.vision_transformer import VisionTransformer
+from tiny import SPEC, make_ctx, make_target, tiny_swin, tiny_vit
 from torch import nn
 
-from methods.base import RunContext, get_method
+from methods.base import get_method
 from methods.baselines import psaq_v1_policy
 from methods.quant.bits import parse_bits
 from methods.quant.modules import MatMul, QuantConv2d, QuantTap, Tap
 from methods.quant.policy import apply_policy
 from methods.quant.quantizers import FakeQuantizer
-from methods.quant.surgery import AttentionRecorder, prepare
-from methods.quant.target import InputSpec, QuantTarget
+from methods.quant.surgery import AttentionRecorder
 from methods.synth.optimize import Stage
 from methods.synth.pse_generation import generate_pse_images
 
 torch.set_num_threads(1)
-SPEC = InputSpec(image_size=(16, 16), in_chans=1, mean=(0.5,), std=(0.5,))
-
-
-def tiny_vit(seed: int = 0) -> nn.Module:
-    torch.manual_seed(seed)
-    m = VisionTransformer(
-        img_size=16, patch_size=4, in_chans=1, num_classes=10, embed_dim=32, depth=2, num_heads=2,
-        mlp_ratio=2.0,
-    )
-    return prepare(m.eval())
-
-
-def tiny_swin(seed: int = 0) -> nn.Module:
-    torch.manual_seed(seed)
-    m = SwinTransformer(
-        img_size=16, patch_size=2, in_chans=1, num_classes=10, embed_dim=16, depths=(2, 2), num_heads=(2, 2),
-        window_size=4, mlp_ratio=2.0,
-    )
-    return prepare(m.eval())
-
-
-def make_target(model: nn.Module, family: str = "vit") -> QuantTarget:
-    return QuantTarget(
-        model=model, model_name=f"tiny-{family}", quant_path="", input_spec=SPEC, family=family,
-        logits=lambda m, x: m(x), num_classes=10,
-    )
-
-
-def make_ctx(tmp_path, seed: int = 0, calib: torch.Tensor | None = None) -> RunContext:
-    return RunContext(
-        device=torch.device("cpu"), seed=seed, profile="ci", cache_dir=tmp_path / "cache",
-        artifacts_dir=tmp_path / "art", calibration=(lambda n: calib[:n]) if calib is not None else None,
-        log=logging.getLogger("test"),
-    )
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -142,15 +105,18 @@ def test_v1_policy_sites_on_tiny_vit():
 # Methods end to end
 
 
-def test_fp_returns_model_unchanged(tmp_path):
-    model = tiny_vit()
-    ctx = make_ctx(tmp_path)
-    out = get_method("fp")().quantize(make_target(model), parse_bits("w4a4"), ctx)
-    assert out is model and ctx.resolved_bits.is_fp
+def test_fp_returns_model_unchanged(tmp_path, tiny_vit_model):
+    """bits=fp never reaches a method's hooks: the template returns the task's model as it is."""
+    model = tiny_vit_model
+    for name in ("fp", "psaq-vit", "mimiq"):
+        ctx = make_ctx(tmp_path)
+        out = get_method(name)().quantize(make_target(model), parse_bits("fp"), ctx)
+        assert out.model is model and out.resolved_bits.is_fp and out.policy is None
+        assert not ctx.image_hashes and not ctx.timings  # nothing generated, nothing calibrated
 
 
-def test_minmax_ptq_error_ordering(tmp_path):
-    model = tiny_vit()
+def test_minmax_ptq_error_ordering(tmp_path, tiny_vit_model):
+    model = tiny_vit_model
     target = make_target(model)
     g = torch.Generator().manual_seed(1)
     calib = torch.randn(32, 1, 16, 16, generator=g)
@@ -159,24 +125,33 @@ def test_minmax_ptq_error_ordering(tmp_path):
         ref = model(x)
     errs = {}
     for b in ("w8a8", "w4a4"):
-        ctx = make_ctx(tmp_path, calib=calib)
-        q = get_method("minmax-ptq")().quantize(target, parse_bits(b), ctx)
-        assert q is not model
+        ctx = make_ctx(tmp_path, real=calib)
+        out = get_method("minmax-ptq")().quantize(target, parse_bits(b), ctx)
+        assert out.model is not model
         with torch.no_grad():
-            errs[b] = rel_err(q(x), ref)
-        assert ctx.resolved_bits.layers and ctx.policy["name"] == "minmax-ptq"
-        assert "calibration" in ctx.timings
+            errs[b] = rel_err(out.model(x), ref)
+        assert out.resolved_bits.layers and out.policy["name"] == "minmax-ptq"
+        assert "calibration" in ctx.timings and ctx.data_sources["calibration"]["source"] == "real"
     with torch.no_grad():
         torch.testing.assert_close(model(x), ref)  # FP model untouched
     assert errs["w8a8"] < 0.05
     assert errs["w4a4"] > 2 * errs["w8a8"]
 
 
-def test_noise_ptq_runs(tmp_path):
-    ctx = make_ctx(tmp_path)
-    q = get_method("noise-ptq")().quantize(make_target(tiny_vit()), parse_bits("w8a8"), ctx)
+def test_noise_ptq_calibrates_on_seeded_noise(tmp_path):
+    """noise-ptq = minmax-ptq on the "noise" source: the same job with the real source fed that very
+    noise gives the same model."""
+    target = make_target(tiny_vit())
+    ctx = make_ctx(tmp_path, seed=3)
+    q = get_method("noise-ptq")().quantize(target, parse_bits("w8a8"), ctx).model
+    noise = torch.randn(SPEC.shape(32), generator=ctx.generator())
+    ptq = get_method("minmax-ptq")()
+    ref = ptq.quantize(target, parse_bits("w8a8"), make_ctx(tmp_path, real=noise)).model
+    x = torch.randn(2, 1, 16, 16)
     with torch.no_grad():
-        assert torch.isfinite(q(torch.randn(2, 1, 16, 16))).all()
+        assert torch.equal(q(x), ref(x))
+    assert ctx.data_sources["calibration"] == {"source": "noise", "images": 32, "data_free": True,
+                                               "cached": False}
 
 
 @pytest.mark.parametrize("family", ["vit", "swin"])
@@ -185,29 +160,30 @@ def test_psaq_vit_ci_end_to_end_and_cache(tmp_path, family):
     cfg = cls.make_config("ci", iterations=4, warmup=1, batch_size=8)
     model = tiny_vit() if family == "vit" else tiny_swin()
     target = make_target(model, family)
-    ctx = make_ctx(tmp_path, seed=5)
+    ctx = make_ctx(tmp_path, seed=5, use_cache=True, galleries=True)
     q = cls(cfg).quantize(target, parse_bits("w8a8"), ctx)
-    assert (tmp_path / "art" / "psaq-vit_images.png").exists()
-    assert ctx.policy["name"] == "psaq-vit-v1" and ctx.resolved_bits.layers
+    assert (tmp_path / "art" / "psaq-vit_calibration.png").exists()  # the harness writes the gallery
+    assert q.policy["name"] == "psaq-vit-v1" and q.resolved_bits.layers
     assert ctx.timings["generation"] > 0 and "calibration" in ctx.timings
     cached = list((tmp_path / "cache").glob("psaq-vit-*.pt"))
     assert len(cached) == 1
-    ctx2 = make_ctx(tmp_path, seed=5)
+    ctx2 = make_ctx(tmp_path, seed=5, use_cache=True)
     q2 = cls(cfg).quantize(target, parse_bits("w8a8"), ctx2)
-    assert any("cache" in n for n in ctx2.notes)
+    assert any("cache" in n for n in ctx2.notes) and ctx2.data_sources["calibration"]["cached"]
+    assert ctx2.image_hashes == ctx.image_hashes
     x = torch.randn(2, 1, 16, 16)
     with torch.no_grad():
-        torch.testing.assert_close(q(x), q2(x))
+        torch.testing.assert_close(q.model(x), q2.model(x))
     # uncached regeneration with the same seed gives the same images
-    nocache = dataclasses.replace(cfg, use_cache=False)
-    a = cls(nocache).generate(target, make_ctx(tmp_path, seed=5))
+    ctx3 = make_ctx(tmp_path, seed=5)
+    a = cls(cfg).calibration_data(target, ctx3)
     torch.testing.assert_close(a, torch.load(cached[0]))
 
 
-def test_psaq_vit_without_logits_notes(tmp_path):
+def test_psaq_vit_without_logits_notes(run_ctx, tiny_vit_model):
     cls = get_method("psaq-vit")
-    cfg = cls.make_config("ci", iterations=2, warmup=1, batch_size=4, use_cache=False, save_grid=False)
-    target = dataclasses.replace(make_target(tiny_vit()), logits=None)
-    ctx = make_ctx(tmp_path)
+    cfg = cls.make_config("ci", iterations=2, warmup=1, batch_size=4)
+    target = dataclasses.replace(make_target(tiny_vit_model), logits=None)
+    ctx = run_ctx
     cls(cfg).quantize(target, parse_bits("w8a8"), ctx)
     assert any("no class logits" in n for n in ctx.notes)

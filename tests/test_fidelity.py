@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_mimiq import make_ctx, make_target, mimiq, tiny_swin, tiny_vit
+from test_mimiq import mimiq
+from tiny import make_ctx, make_target, tiny_swin, tiny_vit
 
 from methods.baselines import V1_ACT, V1_WEIGHT
 from methods.mimiq import MIMIQ_WEIGHT
@@ -95,12 +96,12 @@ def test_mimiq_lsq_gradient_scale_only_on_top_level_layers(tmp_path, family):
     """Released quantize_model hands lsq_g_scale (main.py default 0.01) to the model's direct children
     only: ViT/DeiT's head; timm Swin's head is ClassifierHead.fc, nested, so every layer gets 1.0."""
     model = tiny_vit() if family == "vit" else tiny_swin()
-    student = mimiq().build_student(make_target(model, family), parse_bits("w4a4"), make_ctx(tmp_path))
+    student = mimiq().build(make_target(model, family), parse_bits("w4a4"), make_ctx(tmp_path)).model
     scales = {p: q.g_scale for p, q in student.named_modules() if isinstance(q, FirstBatchLSQQuantizer)}
     top = {p for p in scales if p.count(".") == 1}
     assert top == ({"head.a_quant"} if family == "vit" else set())
     assert all(scales[p] == 0.01 for p in top)
     assert all(scales[p] == 1.0 for p in set(scales) - top)
-    same = mimiq(lsq_g_scale_top_level=1.0).build_student(
-        make_target(model, family), parse_bits("w4a4"), make_ctx(tmp_path))
+    same = mimiq(lsq_g_scale_top_level=1.0).build(
+        make_target(model, family), parse_bits("w4a4"), make_ctx(tmp_path)).model
     assert {q.g_scale for q in same.modules() if isinstance(q, FirstBatchLSQQuantizer)} == {1.0}

@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import logging
 import math
 
 import pytest
 import torch
-from timm.models.swin_transformer import SwinTransformer
-from timm.models.vision_transformer import VisionTransformer
+from tiny import make_ctx, make_target, tiny_swin, tiny_vit
 from torch import nn
 
-from methods.base import RunContext, get_method
+from methods.base import get_method
 from methods.mimiq import first_layer, mimiq_policy
 from methods.quant.attention_distill import contrast_structure, head_structural_distill_loss
 from methods.quant.bits import parse_bits
@@ -22,8 +20,7 @@ from methods.quant.qat_quantizers import (
     lsq_grad_scale,
 )
 from methods.quant.quantizers import QuantizerSpec, UniformQuantizer
-from methods.quant.surgery import prepare
-from methods.quant.target import InputSpec, QuantTarget
+from methods.quant.target import InputSpec
 from methods.synth.attention_ssim import (
     global_ssim,
     inter_head_similarity_loss,
@@ -35,39 +32,9 @@ from methods.synth.interhead_generation import offset_noise_remaining
 from methods.synth.priors import total_variation_l2
 
 torch.set_num_threads(1)
-SPEC = InputSpec(image_size=(16, 16), in_chans=1, mean=(0.5,), std=(0.5,))
 TINY = dict(
     num_images=8, gen_batch_size=4, gen_iterations=3, epochs=4, batch_size=4, lr_steps=(3,),
-    save_grid=False, use_cache=False,
 )
-
-
-def tiny_vit(seed: int = 0) -> nn.Module:
-    torch.manual_seed(seed)
-    m = VisionTransformer(img_size=16, patch_size=4, in_chans=1, num_classes=10, embed_dim=32, depth=2,
-                          num_heads=2, mlp_ratio=2.0)
-    return prepare(m.eval())
-
-
-def tiny_swin(seed: int = 0) -> nn.Module:
-    torch.manual_seed(seed)
-    m = SwinTransformer(img_size=16, patch_size=2, in_chans=1, num_classes=10, embed_dim=16, depths=(2, 2),
-                        num_heads=(2, 2), window_size=4, mlp_ratio=2.0)
-    return prepare(m.eval())
-
-
-def make_target(model: nn.Module, family: str = "vit", logits: bool = True) -> QuantTarget:
-    return QuantTarget(
-        model=model, model_name=f"tiny-{family}", quant_path="", input_spec=SPEC, family=family,
-        logits=(lambda m, x: m(x)) if logits else None,
-        features=None if logits else (lambda m, x: [m.forward_features(x)]),
-        num_classes=10 if logits else None,
-    )
-
-
-def make_ctx(tmp_path, seed: int = 0) -> RunContext:
-    return RunContext(device=torch.device("cpu"), seed=seed, profile="ci", cache_dir=tmp_path / "cache",
-                      artifacts_dir=tmp_path / "art", log=logging.getLogger("test"))
 
 
 def mimiq(**over):
@@ -251,7 +218,7 @@ def test_identity_ste_weight_quantizer():
 def test_policy_placement_on_vit_and_swin(tmp_path):
     for model, family in ((tiny_vit(), "vit"), (tiny_swin(), "swin")):
         method = mimiq()
-        student = method.build_student(make_target(model, family), parse_bits("w4a4"), make_ctx(tmp_path))
+        student = method.build(make_target(model, family), parse_bits("w4a4"), make_ctx(tmp_path)).model
         assert first_layer(model) == ("conv", "patch_embed.proj")
         pe = student.patch_embed.proj
         assert isinstance(pe, QuantConv2d) and isinstance(pe.a_quant, nn.Identity)
@@ -288,34 +255,33 @@ def test_quantize_runs_and_is_deterministic(tmp_path, family):
     for run in range(2):
         target = make_target(make(), family)
         ctx = make_ctx(tmp_path / str(run))
-        q = mimiq().quantize(target, parse_bits("w4a4"), ctx)
+        out = mimiq().quantize(target, parse_bits("w4a4"), ctx)
+        q = out.model
         with torch.no_grad():
             outs.append(q(x))
         assert ctx.timings["generation"] > 0 and ctx.timings["finetune"] > 0
         assert ctx.extra["finetune"]["first_step_epoch"] == 2 and len(ctx.extra["finetune"]["history"]) == 2
-        assert ctx.resolved_bits.layers and ctx.policy["name"] == "mimiq"
+        assert out.resolved_bits.layers and out.policy["name"] == "mimiq"
         assert not any(p.requires_grad for p in q.parameters())
     assert torch.equal(outs[0], outs[1])
     with torch.no_grad():
         assert not torch.equal(outs[0], make()(x))  # it is quantized
 
 
-def test_generation_cache_shared_across_bits_and_fp_skips(tmp_path):
-    method = mimiq(use_cache=True, save_grid=True)
-    ctx = make_ctx(tmp_path)
+def test_generation_cache_shared_across_bits(tmp_path):
+    method = mimiq()
+    ctx = make_ctx(tmp_path, use_cache=True, galleries=True)
     method.quantize(make_target(tiny_vit()), parse_bits("w4a4"), ctx)
-    assert (tmp_path / "art" / "mimiq_images.png").exists()
-    ctx2 = make_ctx(tmp_path)
+    assert (tmp_path / "art" / "mimiq_calibration.png").exists()
+    ctx2 = make_ctx(tmp_path, use_cache=True)
     method.quantize(make_target(tiny_vit()), parse_bits("w8a8"), ctx2)
     assert any("loaded from cache" in n for n in ctx2.notes)
-    ctx3 = make_ctx(tmp_path)
-    model = method.quantize(make_target(tiny_vit()), parse_bits("fp"), ctx3)
-    assert not any(isinstance(m, QuantLinear) for m in model.modules())
+    assert ctx2.image_hashes == ctx.image_hashes
 
 
 def test_without_logits_uses_features_and_notes(tmp_path):
     ctx = make_ctx(tmp_path)
-    q = mimiq().quantize(make_target(tiny_vit(), logits=False), parse_bits("w4a4"), ctx)
+    q = mimiq().quantize(make_target(tiny_vit(), logits=False), parse_bits("w4a4"), ctx).model
     assert any("no class logits" in n and "CE" in n for n in ctx.notes)
     assert any("stage features" in n for n in ctx.notes)
     assert "first_ce" not in ctx.extra["generation"]["loss_first_batch"]  # no CE part was logged
@@ -342,7 +308,8 @@ def test_quantizer_lr_scale(tmp_path, monkeypatch, scale):
 
     monkeypatch.setattr(FirstBatchLSQQuantizer, "_compute_params", remember)
     target = make_target(tiny_vit())
-    q = mimiq(quantizer_lr_scale=scale, lr=1e-2).quantize(target, parse_bits("w4a4"), make_ctx(tmp_path))
+    method = mimiq(quantizer_lr_scale=scale, lr=1e-2)
+    q = method.quantize(target, parse_bits("w4a4"), make_ctx(tmp_path)).model
     lsq = [m for m in q.modules() if isinstance(m, FirstBatchLSQQuantizer)]
     moved = [not torch.equal(m.scale.detach(), m.initial[0]) for m in lsq]
     assert all(moved) if scale else not any(moved)

@@ -3,52 +3,42 @@
 from __future__ import annotations
 
 import dataclasses
-import logging
 
 import pytest
 import torch
 import torch.nn.functional as F
 from timm.models.swin_transformer import SwinTransformer
-from timm.models.vision_transformer import VisionTransformer
+from tiny import SPEC, make_ctx, make_target
+from tiny import tiny_vit as _tiny_vit
 from torch import nn
 
-from methods.base import RunContext, get_method
-from methods.psaq_vit_v2 import PSAQViTV2
+from methods.base import get_method
+from methods.psaq_vit_v2 import PSAQViTV2, TeacherStudent, generate, model_forward
 from methods.quant.bits import parse_bits
 from methods.quant.distill import kl_logits
 from methods.quant.surgery import prepare
-from methods.quant.target import InputSpec, QuantTarget
+from methods.quant.target import QuantTarget
 from methods.synth.optimize import Stage
 from tasks.mini import fashion
 
 torch.set_num_threads(1)
-SPEC = InputSpec(image_size=(16, 16), in_chans=1, mean=(0.5,), std=(0.5,))
 # a few seconds per run: 2 init stages of 4 steps, 3 rounds of 3 pixel + 4 student steps
 TINY = dict(batch_size=8, init_iterations=4, init_warmup=1, rounds=3, gen_steps=3, student_steps=4,
             student_lr_w4=1e-3, student_lr_w8=1e-3)
 
 
 def tiny_vit(seed: int = 0) -> nn.Module:
-    torch.manual_seed(seed)
-    m = VisionTransformer(img_size=16, patch_size=4, in_chans=1, num_classes=10, embed_dim=32, depth=2,
-                          num_heads=2, mlp_ratio=2.0)
-    with torch.no_grad():
-        m.head.weight.mul_(40.0)  # confident logits, as a trained classifier has (random init gives ~0)
-    return prepare(m.eval())
+    return _tiny_vit(seed, head_scale=40.0)  # confident logits, as a trained classifier has
 
 
-def make_target(model: nn.Module) -> QuantTarget:
-    return QuantTarget(model=model, model_name="tiny-vit", quant_path="", input_spec=SPEC, family="vit",
-                       logits=lambda m, x: m(x), num_classes=10)
-
-
-def _no_data(n: int) -> torch.Tensor:
-    raise AssertionError("a data-free method asked for real calibration images")
-
-
-def make_ctx(tmp_path, seed: int = 0) -> RunContext:
-    return RunContext(device=torch.device("cpu"), seed=seed, profile="ci", cache_dir=tmp_path / "cache",
-                      artifacts_dir=tmp_path / "art", calibration=_no_data, log=logging.getLogger("test"))
+def student(m: PSAQViTV2, target: QuantTarget, bits: str, ctx, kind: str,
+            calib: torch.Tensor) -> TeacherStudent:
+    """The template's build + calibrate, and the teacher-student pair the rounds work on."""
+    built = m.build(target, parse_bits(bits), ctx)
+    m.calibrate(built, calib, target, ctx)
+    return TeacherStudent(model_forward(target, target.model, kind),
+                          model_forward(target, built.model, kind), m.discrepancy(kind), built.model,
+                          built.qmodule)
 
 
 def method(**over) -> PSAQViTV2:
@@ -77,11 +67,11 @@ def test_adversarial_sample_step_raises_the_discrepancy(tmp_path):
     x0 = images(0)
     out = {}
     for adv in (0.0, 3.0):
-        m = method(adv_weight=adv, use_cache=False)
-        ts = m.build(target, parse_bits("w4a8"), ctx, "kl", [x0])
+        m = method(adv_weight=adv)
+        ts = student(m, target, "w4a8", ctx, "kl", x0)
         d0 = discrepancy(ts, x0)
-        x, hist = m._generate(target, ctx, ts.teacher_fn, [Stage(15, 1, 0, 0.2)],
-                              torch.Generator().manual_seed(1), x0, ts)
+        x, hist = generate(m.config, target, ctx, ts.teacher_fn, [Stage(15, 1, 0, 0.2)],
+                           torch.Generator().manual_seed(1), x0, ts)
         out[adv] = (d0, discrepancy(ts, x), hist)
     d0, d_adv, hist = out[3.0]
     d_plain = out[0.0][1]
@@ -97,7 +87,7 @@ def test_student_step_lowers_the_discrepancy(tmp_path):
     ctx = make_ctx(tmp_path)
     x = images(2)
     m = method(gen_steps=0, warm_noise=0.0, student_augment=False, rounds=4, student_steps=10)
-    ts = m.build(target, parse_bits("w4a8"), ctx, "kl", [x])
+    ts = student(m, target, "w4a8", ctx, "kl", x)
     before = discrepancy(ts, x)
     teacher_state = {k: v.clone() for k, v in target.model.state_dict().items()}
     m.adapt(ts, target, parse_bits("w4a8"), ctx, x)
@@ -118,8 +108,9 @@ def test_same_seed_bit_identical_and_cache(tmp_path):
     x = images(9, 16)
     outs = []
     for run, use_cache in enumerate((False, False, True, True)):
-        ctx = make_ctx(tmp_path / ("cached" if use_cache else f"run{run}"), seed=3)
-        q = method(use_cache=use_cache).quantize(target, parse_bits("w4a8"), ctx)
+        ctx = make_ctx(tmp_path / ("cached" if use_cache else f"run{run}"), seed=3, use_cache=use_cache,
+                       galleries=True)
+        q = method().quantize(target, parse_bits("w4a8"), ctx).model
         with torch.no_grad():
             outs.append(q(x))
         if use_cache:
@@ -128,9 +119,9 @@ def test_same_seed_bit_identical_and_cache(tmp_path):
     for o in outs[1:]:
         assert torch.equal(o, outs[0])  # bit-identical: fresh, fresh, cache miss, cache hit
     art = tmp_path / "cached" / "art"
-    assert (art / "psaq-vit-v2_images.png").exists() and (art / "psaq-vit-v2_init_images.png").exists()
-    assert len(list((tmp_path / "cached" / "cache").glob("psaq-vit-v2-tiny-vit-init-*.pt"))) == 1
-    other = method(use_cache=False).quantize(target, parse_bits("w4a8"), make_ctx(tmp_path / "s4", seed=4))
+    assert (art / "psaq-vit-v2_final_round.png").exists() and (art / "psaq-vit-v2_calibration.png").exists()
+    assert len(list((tmp_path / "cached" / "cache").glob("psaq-vit-v2-tiny-vit-*.pt"))) == 1
+    other = method().quantize(target, parse_bits("w4a8"), make_ctx(tmp_path / "s4", seed=4)).model
     with torch.no_grad():
         assert not torch.equal(other(x), outs[0])
 
@@ -139,11 +130,12 @@ def test_same_seed_bit_identical_and_cache(tmp_path):
 def test_bit_specs_run_and_record(tmp_path, bits):
     target = make_target(tiny_vit())
     ctx = make_ctx(tmp_path)
-    m = method(rounds=1, save_grid=False, use_cache=False)
-    q = m.quantize(target, parse_bits(bits), ctx)
+    m = method(rounds=1)
+    out = m.quantize(target, parse_bits(bits), ctx)
+    q = out.model
     w, a = int(bits[1]), int(bits[3])
-    assert ctx.resolved_bits.layers["blocks.0.attn.qkv"] == (w, a)
-    assert ctx.policy["name"] == "psaq-vit-v1"
+    assert out.resolved_bits.layers["blocks.0.attn.qkv"] == (w, a)
+    assert out.policy["name"] == "psaq-vit-v1"
     info = ctx.extra["psaq_v2"]
     assert info["discrepancy"] == "kl" and info["student_lr"] == pytest.approx(m.student_lr(parse_bits(bits)))
     assert {"generation", "calibration", "finetune"} <= set(ctx.timings)
@@ -188,9 +180,9 @@ def _equivariance_error(tmp_path, m: PSAQViTV2) -> float:
     summation order over the permuted classes flips roundings and the two runs drift apart (~5%)."""
     perm = torch.tensor([3, 7, 0, 9, 1, 5, 8, 2, 6, 4])
     x = images(11, 32)
-    q_a = m.quantize(make_target(tiny_vit()), parse_bits("w8a8"), make_ctx(tmp_path / "a", seed=0))
+    q_a = m.quantize(make_target(tiny_vit()), parse_bits("w8a8"), make_ctx(tmp_path / "a")).model
     q_b = m.quantize(make_target(_permute_classes(tiny_vit(), perm)), parse_bits("w8a8"),
-                     make_ctx(tmp_path / "b", seed=0))
+                     make_ctx(tmp_path / "b", seed=0)).model
     with torch.no_grad():
         a, b = q_a(x), q_b(x)
     return float((b - a[:, perm]).abs().max() / a.abs().max())
@@ -200,7 +192,7 @@ class _LabelledV2(PSAQViTV2):
     """A mutant with a small cross-entropy term to fixed class labels in the student step, computed
     by hand (so only the equivariance check, not the spies below, can see it)."""
 
-    def _discrepancy(self, kind):
+    def discrepancy(self, kind):
         labels = torch.arange(TINY["batch_size"]) % 10
 
         def d(s, t):
@@ -213,8 +205,7 @@ class _LabelledV2(PSAQViTV2):
 def test_no_label_enters_the_loss(tmp_path, monkeypatch):
     cls = get_method("psaq-vit-v2")
     # one round: initial batch, calibration, 3 adversarial pixel steps, one student step
-    short = cls.make_config("ci", **{**TINY, "rounds": 1, "gen_steps": 3, "student_steps": 1,
-                                     "use_cache": False, "save_grid": False})
+    short = cls.make_config("ci", **{**TINY, "rounds": 1, "gen_steps": 3, "student_steps": 1})
     assert _equivariance_error(tmp_path / "clean", PSAQViTV2(short)) == 0.0
     assert _equivariance_error(tmp_path / "mutant", _LabelledV2(short)) > 1e-3  # the check has teeth
 
@@ -222,7 +213,7 @@ def test_no_label_enters_the_loss(tmp_path, monkeypatch):
         raise AssertionError("a label loss or the task's data was used")
 
     # a whole multi-round run calls no library label loss (the V1 generator's CE to random labels
-    # included) and touches no dataset: ctx.calibration raises, and so does loading the mini data
+    # included) and touches no dataset: ctx.real_images raises, and so does loading the mini data
     for name in ("cross_entropy", "nll_loss", "one_hot"):
         monkeypatch.setattr(F, name, forbidden)
     monkeypatch.setattr(torch.nn.CrossEntropyLoss, "forward", forbidden)
@@ -266,16 +257,17 @@ def test_dense_path_distils_backbone_features(tmp_path):
     target = QuantTarget(model=model, model_name="tiny-dense", quant_path="backbone", input_spec=SPEC,
                          family="swin", logits=None, features=lambda m, x: m.stages(x))
     ctx = make_ctx(tmp_path)
-    m = method(use_cache=False, dense_batch_size=4, dense_rounds=2, dense_init_iterations=2)
-    dense = m.for_target(target).config  # det/seg settings replace the cls ones
+    m = method(dense_batch_size=4, dense_rounds=2, dense_init_iterations=2)
+    dense = m.target_config(target, ctx)  # det/seg settings replace the cls ones
     assert (dense.batch_size, dense.rounds, dense.init_iterations, dense.init_warmup) == (4, 2, 2, 0)
-    assert m.for_target(make_target(tiny_vit())) is m
-    q = m.quantize(target, parse_bits("w4a4"), ctx)
+    assert m.target_config(make_target(tiny_vit()), ctx) is m.config
+    out = m.quantize(target, parse_bits("w4a4"), ctx)
+    q = out.model
     assert len(ctx.extra["psaq_v2"]["rounds"]) == 2
     assert ctx.extra["psaq_v2"]["discrepancy"] == "features"
     assert any("task-independent" in n for n in ctx.notes)
-    assert ctx.resolved_bits.layers["layers.0.blocks.0.attn.qkv"] == (4, 4)  # paths below the backbone
-    assert not any(k.startswith("head") for k in ctx.resolved_bits.layers)
+    assert out.resolved_bits.layers["layers.0.blocks.0.attn.qkv"] == (4, 4)  # paths below the backbone
+    assert not any(k.startswith("head") for k in out.resolved_bits.layers)
     assert torch.equal(q.head.weight, model.head.weight)  # the head stays FP and untrained
     qkv = "layers.0.blocks.0.attn.qkv.weight"
     assert not torch.equal(q.backbone.get_parameter(qkv), model.backbone.get_parameter(qkv))  # trained
