@@ -26,6 +26,7 @@ from bench.progress import Reporter
 from bench.runner import RunSummary, run_jobs
 from bench.store import ResultStore
 from methods.base import METHODS
+from methods.data import SOURCES
 from methods.quant.bits import BitSpec, BitSpecError, parse_bits
 from tasks.base import DATASETS, TASKS, Task, get_task, task_options
 
@@ -195,6 +196,9 @@ def _method_args(value: str | Mapping[str, Any] | None, methods: list[str]) -> d
         raise UsageError(f"{e} (--method-args)") from e
     if margs and methods == [FP_METHOD]:
         raise UsageError("--method-args sets quantization-method fields; select a method besides fp")
+    source = margs.get("data_source")
+    if source is not None:
+        _check_names("data source", [str(source)], registry_names("data sources", SOURCES))
     return margs
 
 

@@ -30,6 +30,7 @@ from bench.runner import RunSummary
 from bench.store import ResultStore, jsonable
 from bench.tables import FORMATS, write_tables
 from methods.base import METHODS, get_method
+from methods.data import SOURCES
 from methods.quant.bits import BIT_CANDIDATES, NAMED_SPECS
 from methods.quant.registry import UnknownName
 from tasks.base import DATASETS, TASKS, TaskError, get_task
@@ -203,15 +204,21 @@ def cmd_list(args: argparse.Namespace) -> int:
     rows, prov = [], []
     for name in methods:
         cls = get_method(name)
-        rows.append([name, "yes" if cls.data_free else "no", ", ".join(cls.profiles()), cls.summary])
+        rows.append([name, "yes" if cls.data_free else "no", cls.data_source if name != "fp" else "",
+                     ", ".join(cls.profiles()), cls.summary])
         prov += [[name, comp, level] for comp, level in cls.provenance.items()]
     print(
         "Methods\n"
         + tabulate(
-            rows, headers=["method", "data-free", "profiles", "summary"], maxcolwidths=[None, None, None, 70]
+            rows, headers=["method", "data-free", "data source", "profiles", "summary"],
+            maxcolwidths=[None, None, None, None, 60],
         )
         + "\n"
     )
+    sources = [[name, "yes" if src.data_free else "no", src.owner or "", src.summary]
+               for name, src in SOURCES.load_all().items()]
+    print("Data sources (--method-args data_source=NAME)\n"
+          + tabulate(sources, headers=["source", "data-free", "settings from", "summary"]) + "\n")
     if prov:
         print(
             "Provenance\n"
