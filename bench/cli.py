@@ -209,8 +209,7 @@ def _method_args(text: str | None, methods: list[str]) -> dict[str, Any]:
 
 
 def _optional_models(task: Task, dataset: str) -> list[str]:
-    hook = getattr(task, "optional_models", None)
-    return list(hook(dataset)) if callable(hook) else []
+    return list(task.optional_models(dataset))
 
 
 def _task_options(task_names: list[str], quant_scope: str | None) -> dict[str, dict[str, str]]:
@@ -373,14 +372,14 @@ def cmd_list(args: argparse.Namespace) -> int:
         for dataset in DATASETS:
             try:
                 models = ", ".join(task.models(dataset))
-                unavailable = getattr(task, "unavailable_models", lambda d: {})(dataset)
+                unavailable = task.unavailable_models(dataset)
                 optional = [m + (f" (unavailable: {unavailable[m]})" if m in unavailable else "")
                             for m in _optional_models(task, dataset)]
                 if optional:
                     models += "; optional, run when named: " + ", ".join(optional)
             except TaskError as e:
                 models = f"(unavailable: {e})"
-            rows.append([name, getattr(task, "primary_metric", ""), dataset, models])
+            rows.append([name, task.primary_metric, dataset, models])
     print(
         "Tasks\n"
         + tabulate(rows, headers=["task", "metric", "dataset", "models"], maxcolwidths=[None, None, None, 80])

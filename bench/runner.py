@@ -111,15 +111,17 @@ def _measure(job: Job, task: Task, method: Any, ctx: RunContext) -> dict[str, An
     with seeded(job.seed):
         memory = _PeakMemory(ctx.device)
         t0 = time.perf_counter()
-        target = task.load(job.model, job.dataset, job.weights)
+        handle = task.load(job.model, job.dataset, job.weights)
+        target = handle.target
         target.model.to(ctx.device)
+        if not method.data_free:  # real calibration images only for PTQ methods (see run_job)
+            ctx.calibration = lambda n: task.calibration(handle, n, job.seed)
         t1 = time.perf_counter()
         qmodel = method.quantize(target, parse_bits(job.bits), ctx)
         t2 = time.perf_counter()
-        metrics = {k: float(v) for k, v in task.evaluate(qmodel, job.dataset, ctx.device).items()}
+        metrics = {k: float(v) for k, v in task.evaluate(handle, qmodel, ctx.device).items()}
         t3 = time.perf_counter()
-        info = getattr(task, "dataset_info", None)
-        data = jsonable(info(job.dataset, model=job.model)) if callable(info) else None
+        data = jsonable(task.dataset_info(handle))
         return dict(
             target=target,
             qmodel=qmodel,
@@ -151,7 +153,8 @@ def run_job(
         cache_dir=store.root / "cache",
         artifacts_dir=store.root / "artifacts" / job.key,
         # Real calibration images only for PTQ methods: data-free methods must not see the task's data.
-        calibration=None if method_cls.data_free else (lambda n: task.calibration(job.dataset, n, job.seed)),
+        # The images come from the loaded model's handle, so _measure sets it right after task.load.
+        calibration=None,
     )
     if reporter_msg is not None:
         ctx.progress = reporter_msg
