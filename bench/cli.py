@@ -238,7 +238,7 @@ def cmd_list(args: argparse.Namespace) -> int:
                     models += "; optional, run when named: " + ", ".join(optional)
             except TaskError as e:
                 models = f"(unavailable: {e})"
-            rows.append([name, getattr(task, "primary_metric", ""), dataset, models])
+            rows.append([name, task.primary_metric, dataset, models])
     print(
         "Tasks\n"
         + tabulate(rows, headers=["task", "metric", "dataset", "models"], maxcolwidths=[None, None, None, 80])

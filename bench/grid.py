@@ -11,7 +11,6 @@ from __future__ import annotations
 import ast
 import dataclasses
 import functools
-import hashlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +19,7 @@ from typing import Any
 from bench.store import job_key, jsonable, method_args_suffix
 from methods.base import get_method
 from methods.quant.bits import BitSpec
+from tasks.base import Task, file_sha256
 
 FP_METHOD = "fp"
 FP_BITS = "fp"
@@ -162,22 +162,17 @@ def resolved_config(
     return jsonable(get_method(method).make_config(profile, **dict(method_args or {})))
 
 
-@functools.cache
 def weights_tag(path: str | None) -> str:
-    """Identify a weights file by name and content hash (a renamed copy keeps its results)."""
+    """Identify a weights file by name and content hash (a renamed copy keeps its results); the same
+    tag as :meth:`tasks.base.Task.weights_tag`'s default, for grids expanded without task objects."""
     if path is None:
         return DEFAULT_WEIGHTS_TAG
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return f"{Path(path).name}@sha256:{h.hexdigest()[:12]}"
+    return f"{Path(path).name}@sha256:{file_sha256(path)}"
 
 
-def _tag_for(task: Any, model: str, dataset: str, weights: str | None) -> str:
-    """The task's own tag when it has one (it can hash its default checkpoint), else ours."""
-    hook = getattr(task, "weights_tag", None)
-    return str(hook(model, dataset, weights)) if callable(hook) else weights_tag(weights)
+def _tag_for(task: Task | None, model: str, dataset: str, weights: str | None) -> str:
+    """The task's tag (a task may hash its default checkpoint); ours when no task object is given."""
+    return str(task.weights_tag(model, dataset, weights)) if task is not None else weights_tag(weights)
 
 
 def expand(

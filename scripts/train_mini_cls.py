@@ -132,6 +132,7 @@ def train_one(name: str, recipe: Recipe, images: np.ndarray, labels: np.ndarray,
         total = min(total, args.max_steps)
     warmup = int(recipe.warmup_epochs * steps_per_epoch)
     task = ClassificationTask()
+    handle = task.handle_for(model, name, "mini")  # eval transform of this model (no surgery: it trains)
     history, step, t0, cpu0 = [], 0, time.time(), time.process_time()
     for epoch in range(recipe.epochs):
         model.train()
@@ -169,7 +170,7 @@ def train_one(name: str, recipe: Recipe, images: np.ndarray, labels: np.ndarray,
         if holdout is not None:  # recipe trials: judge on held-out train images, never on the eval set
             history[-1]["holdout_top1"] = round(holdout_top1(model, *holdout, size), 2)
         else:  # logged only; the last epoch is kept whatever it says
-            history[-1]["mini_top1"] = round(task.evaluate(model, "mini", "cpu")["top1"], 2)
+            history[-1]["mini_top1"] = round(task.evaluate(handle, model, "cpu")["top1"], 2)
         history[-1]["elapsed_s"] = round(time.time() - t0, 1)
         print(f"{name} epoch {epoch + 1}: {history[-1]}", flush=True)
     train_time, cpu_time = time.time() - t0, time.process_time() - cpu0
@@ -177,11 +178,11 @@ def train_one(name: str, recipe: Recipe, images: np.ndarray, labels: np.ndarray,
     if distilled:
         model.set_distilled_training(False)
     model.eval()
-    fp32 = task.evaluate(model, "mini", "cpu")
+    fp32 = task.evaluate(handle, model, "cpu")
     state16 = {k: v.half() for k, v in model.state_dict().items()}
     check = build_mini_model(name)
     check.load_state_dict({k: v.float() for k, v in state16.items()})
-    fp16 = task.evaluate(check, "mini", "cpu")
+    fp16 = task.evaluate(handle, check, "cpu")
     # fp16 storage halves the file; keep fp32 only if rounding costs accuracy that matters.
     use16 = fp16["top1"] >= 85.0 and fp16["top1"] >= fp32["top1"] - 0.3
     state = state16 if use16 else model.state_dict()

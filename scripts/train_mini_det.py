@@ -1,9 +1,9 @@
-"""Train the mini detectors (tasks/det.py MINI_MODELS) on mini-coco with mmengine's Runner on CPU.
+"""Train the mini detectors (tasks/mm/det.py MINI_MODELS) on mini-coco with mmengine's Runner on CPU.
 
 The train split (default 8000 scenes, Fashion-MNIST train items) is regenerated from the seed into
 the cache (needs the Debian package ``dataset-fashion-mnist``); the vendored val split is never
 used for training or model selection: the LAST epoch is saved as a plain fp16 state_dict in
-tasks/mini_dense/weights/<name>.pt, then evaluated once with tasks/det.py and logged in
+tasks/mini_dense/weights/<name>.pt, then evaluated once with tasks/mm/det.py and logged in
 tasks/mini_dense/weights/training_log.json (TRAINING.md is regenerated from it).
 
     python scripts/train_mini_det.py --models mini-mask-rcnn-swin mini-cascade-mask-rcnn-swin
@@ -20,9 +20,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from tasks import mm_common  # noqa: E402
-from tasks.det import MINI_MODELS, DetectionTask  # noqa: E402
+from tasks.base import file_sha256  # noqa: E402
 from tasks.mini_dense.training import common_args, finish, prepare_run  # noqa: E402
+from tasks.mm import openmmlab  # noqa: E402
+from tasks.mm.det import MINI_MODELS, DetectionTask  # noqa: E402
 
 # Per-model schedule (epochs over the train split). As real detectors start from a pretrained
 # backbone, the Swin backbone starts from the mini-upernet-swin checkpoint (trained on the same
@@ -54,7 +55,7 @@ def train_one(name: str, args) -> dict:
                              "(or --backbone-from none)")
         # mmdet's SwinTransformer.init_weights keeps the "backbone." keys of a full-model checkpoint
         cfg.model.backbone.init_cfg = dict(type="Pretrained", checkpoint=str(src))
-        recipe["backbone_sha256"] = mm_common.sha256(src)
+        recipe["backbone_sha256"] = file_sha256(src)
     epochs = recipe["epochs"]
     cfg.train_cfg = dict(type="EpochBasedTrainLoop", max_epochs=epochs, val_interval=epochs + 1)
     cfg.param_scheduler = [
@@ -66,7 +67,7 @@ def train_one(name: str, args) -> dict:
         cfg.train_cfg = dict(type="IterBasedTrainLoop", max_iters=args.probe, val_interval=args.probe + 1)
         cfg.param_scheduler = []
     t0 = time.time()
-    with mm_common.scope("mmdet"):
+    with openmmlab.scope("mmdet"):
         runner = Runner.from_cfg(cfg)
         runner.train()
     train_s = time.time() - t0

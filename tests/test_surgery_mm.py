@@ -17,7 +17,8 @@ from methods.quant.policy import Policy, Rule, apply_policy, quantizers, set_mod
 from methods.quant.quantizers import QuantizerSpec  # noqa: E402
 from methods.quant.surgery import AttentionRecorder  # noqa: E402
 from methods.quant.surgery_mm import attention_modules_mm, is_mm_swin, prepare_mm  # noqa: E402
-from tasks import mm_common  # noqa: E402
+from tasks.mm import openmmlab  # noqa: E402
+from tasks.mm.base import CONFIG_DIR  # noqa: E402
 
 torch.set_num_threads(1)
 CONFIGS = {
@@ -28,13 +29,13 @@ CONFIGS = {
 
 
 def random_model(kind: str, seed: int = 0):
-    mm_common.quiet_logger()
+    openmmlab.quiet_logger()
     cfg_file, scope = CONFIGS[kind]
-    cfg = mm_common.load_config(mm_common.CONFIG_DIR / cfg_file)
+    cfg = openmmlab.load_config(CONFIG_DIR / cfg_file)
     if scope == "mmdet":  # random heads score below mmdet's 0.05: keep every box so masks run too
         cfg.model.test_cfg.rcnn.score_thr = 0.0
     torch.manual_seed(seed)
-    model = mm_common.build_model(cfg, scope)
+    model = openmmlab.build_model(cfg, scope)
     model.init_weights()
     with torch.no_grad():  # random relative-position tables (init is zeros) so the bias matters
         for n, p in model.named_parameters():
@@ -51,7 +52,7 @@ def predict(model, scope: str, x: torch.Tensor):
     """Post-processed predictions as plain tensors (boxes, scores, labels, masks / seg logits)."""
     with torch.no_grad():
         if scope == "mmdet":
-            out = model.predict(x, mm_common.default_det_samples(x), rescale=True)
+            out = model.predict(x, openmmlab.default_det_samples(x), rescale=True)
             return [(o.pred_instances.bboxes, o.pred_instances.scores, o.pred_instances.labels,
                      o.pred_instances.masks) for o in out]
         return model(x)  # tensor mode: decode-head logits

@@ -1,8 +1,8 @@
 """Shared parts of scripts/train_mini_det.py and scripts/train_mini_seg.py (mmengine Runner on CPU).
 
 Training never sees the vendored val split: validation is switched off in the Runner, the last
-iteration is saved, then the saved checkpoint is evaluated once through the task (tasks/det.py,
-tasks/seg.py) exactly as the harness will, and the result is logged.
+iteration is saved, then the saved checkpoint is evaluated once through the task (tasks/mm/det.py,
+tasks/mm/seg.py) exactly as the harness will, and the result is logged.
 """
 
 from __future__ import annotations
@@ -20,8 +20,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from tasks import mm_common
 from tasks.mini_dense import build
+from tasks.mm import openmmlab
+from tasks.mm.base import CONFIG_DIR, WEIGHTS_DIR
 
 FP16_TOLERANCE = 0.3  # points of the primary metric an fp16 checkpoint may lose before fp32 is kept
 
@@ -40,7 +41,7 @@ def common_args(ap: argparse.ArgumentParser, models: list[str]) -> None:
     ap.add_argument("--probe", type=int, default=0, help="only time this many iterations; save nothing")
     ap.add_argument("--resume", action="store_true",
                     help="continue from the last checkpoint in --work-dir (same recipe)")
-    ap.add_argument("--weights-dir", type=Path, default=mm_common.WEIGHTS_DIR,
+    ap.add_argument("--weights-dir", type=Path, default=WEIGHTS_DIR,
                     help="where the checkpoint, training_log.json and TRAINING.md go")
 
 
@@ -48,7 +49,7 @@ def prepare_run(config: str, name: str, args, recipe: dict, by_epoch: bool) -> t
     """Config with the train split, recipe, seed and CPU settings applied; validation switched off."""
     train_root = build.ensure_train_split(n=args.train_images, seed=build.SEED,
                                           fashion_root=args.fashion_root)
-    cfg = mm_common.load_config(mm_common.CONFIG_DIR / config)
+    cfg = openmmlab.load_config(CONFIG_DIR / config)
     work_dir = args.work_dir / name
     cfg.work_dir = str(work_dir)
     cfg.randomness = dict(seed=args.seed, deterministic=False)
@@ -85,8 +86,8 @@ def finish(name: str, model: nn.Module, args, recipe: dict, train_s: float, work
     results = {}
     for prec, path in (("fp16", out), ("fp32", tmp32)):
         t0 = time.time()
-        target = task.load(name, "mini", weights=str(path))
-        metrics = task.evaluate(target.model, "mini", "cpu")
+        handle = task.load(name, "mini", weights=str(path))
+        metrics = task.evaluate(handle, handle.target.model, "cpu")
         results[prec] = dict(metrics=metrics, eval_s=round(time.time() - t0, 1))
         print(f"{name} [{prec}] {metrics} ({results[prec]['eval_s']}s)")
     primary = task.primary_metric

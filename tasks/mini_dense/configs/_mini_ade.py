@@ -1,7 +1,7 @@
 # mini-ade data: ADE20K layout (0 = 'other', ignored via reduce_zero_label; class k -> k + 1) read
 # by MiniADE20KDataset = mmseg's ADE20KDataset with the 10 Fashion-MNIST classes as its METAINFO
-# (ADE20KDataset only accepts subsets of its own 150 classes; registered by tasks/mm_common.py).
-# data_root is set by tasks/seg.py (vendored val/calib) or scripts/train_mini_seg.py (train cache).
+# (ADE20KDataset only accepts subsets of its own 150 classes; registered by tasks/mm/openmmlab.py).
+# data_root is set by tasks/mm/seg.py (vendored val/calib) or scripts/train_mini_seg.py (train cache).
 dataset_type = 'MiniADE20KDataset'
 data_root = 'tasks/mini_dense/data/mini-ade/'
 crop_size = (128, 128)

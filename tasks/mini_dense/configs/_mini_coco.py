@@ -1,5 +1,5 @@
 # mini-coco data: COCO layout read by mmdet's CocoDataset with the 10 Fashion-MNIST classes.
-# data_root is set by tasks/det.py (vendored val/calib) or scripts/train_mini_det.py (train cache).
+# data_root is set by tasks/mm/det.py (vendored val/calib) or scripts/train_mini_det.py (train cache).
 dataset_type = 'CocoDataset'
 data_root = 'tasks/mini_dense/data/mini-coco/'
 metainfo = dict(

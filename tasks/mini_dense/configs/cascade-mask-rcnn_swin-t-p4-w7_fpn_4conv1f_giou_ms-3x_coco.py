@@ -2,7 +2,7 @@
 # mmdet does not ship it, so it is rebuilt here on mmdet's own Cascade Mask R-CNN base config with the
 # settings of the Swin authors' release config (cascade_mask_rcnn_swin_tiny_patch4_window7_mstrain_
 # 480-800_giou_4conv1f_adamw_3x_coco): 4conv1fc box heads with BN, GIoU loss on decoded boxes,
-# class-specific regression. Their checkpoints use the original Swin key names; tasks/mm_common.py
+# class-specific regression. Their checkpoints use the original Swin key names; tasks/mm/openmmlab.py
 # converts them on load. Only the evaluation parts matter here (SyncBN becomes BN on CPU).
 _base_ = ['mmdet::cascade_rcnn/cascade-mask-rcnn_r50_fpn_1x_coco.py']
 

@@ -1,5 +1,5 @@
 # Cascade Mask R-CNN with a tiny Swin backbone for the 128x128 mini-coco set
-# (tasks/det.py "mini-cascade-mask-rcnn-swin"). Structure from mmdet's own Cascade Mask R-CNN base
+# (tasks/mm/det.py "mini-cascade-mask-rcnn-swin"). Structure from mmdet's own Cascade Mask R-CNN base
 # config (three bbox stages with IoU 0.5/0.6/0.7, class-agnostic regression, a mask head per stage).
 _base_ = [
     'mmdet::_base_/models/cascade-mask-rcnn_r50_fpn.py',

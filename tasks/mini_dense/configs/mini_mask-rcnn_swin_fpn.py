@@ -1,4 +1,4 @@
-# Mask R-CNN with a tiny Swin backbone for the 128x128 mini-coco set (tasks/det.py "mini-mask-rcnn-swin").
+# Mask R-CNN with a tiny Swin backbone for the 128x128 mini-coco set (tasks/mm/det.py "mini-mask-rcnn-swin").
 # Model structure from mmdet's own Mask R-CNN base config; sizes scaled to the tiny input.
 _base_ = [
     'mmdet::_base_/models/mask-rcnn_r50_fpn.py',

@@ -1,4 +1,4 @@
-# UperNet with a tiny Swin backbone for the 128x128 mini-ade set (tasks/seg.py "mini-upernet-swin").
+# UperNet with a tiny Swin backbone for the 128x128 mini-ade set (tasks/mm/seg.py "mini-upernet-swin").
 # Structure from mmseg's own UperNet-Swin base config; BN instead of SyncBN (CPU, one process).
 _base_ = [
     'mmseg::_base_/models/upernet_swin.py',

@@ -12,18 +12,18 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tasks.base import register_task
-from tasks.det import DenseTaskBase, DetModel
+from tasks.base import TaskError, register_task
+from tasks.mm.base import DATA_DIR, MMModel, MMTask
 
 _MMSEG_URL = "https://download.openmmlab.com/mmsegmentation/v0.5/swin/"
-MINI_MODELS = {"mini-upernet-swin": DetModel("mini_upernet_swin.py", arch="upernet")}
+MINI_MODELS = {"mini-upernet-swin": MMModel("mini_upernet_swin.py", arch="upernet")}
 FULL_MODELS = {
-    "upernet_swin-t": DetModel(
+    "upernet_swin-t": MMModel(
         "mmseg::swin/swin-tiny-patch4-window7-in1k-pre_upernet_8xb2-160k_ade20k-512x512.py",
         _MMSEG_URL + "upernet_swin_tiny_patch4_window7_512x512_160k_ade20k_pretrain_224x224_1K/"
         "upernet_swin_tiny_patch4_window7_512x512_160k_ade20k_pretrain_224x224_1K_20210531_112542-e380ad3e.pth",
         arch="upernet"),
-    "upernet_swin-s": DetModel(
+    "upernet_swin-s": MMModel(
         "mmseg::swin/swin-small-patch4-window7-in1k-pre_upernet_8xb2-160k_ade20k-512x512.py",
         _MMSEG_URL + "upernet_swin_small_patch4_window7_512x512_160k_ade20k_pretrain_224x224_1K/"
         "upernet_swin_small_patch4_window7_512x512_160k_ade20k_pretrain_224x224_1K_20210526_192015-ee2fff1c.pth",
@@ -33,10 +33,9 @@ SEG_METRICS = ("mIoU", "aAcc", "mAcc")
 
 
 @register_task("seg")
-class SegmentationTask(DenseTaskBase):
+class SegmentationTask(MMTask):
     """ADE20K-style semantic segmentation (``mIoU``, ``aAcc`` in percent)."""
 
-    name = "seg"
     scope = "mmseg"
     primary_metric = "mIoU"
     mini_models = MINI_MODELS
@@ -46,8 +45,6 @@ class SegmentationTask(DenseTaskBase):
 
     def _ade_root(self, dataset: str) -> Path:
         if dataset == "mini":
-            from tasks.mm_common import DATA_DIR
-
             return DATA_DIR / "mini-ade"
         return self._root(["", "ADEChallengeData2016", "ade/ADEChallengeData2016"], "images/validation",
                           "ADE20K (ADEChallengeData2016)")
@@ -64,8 +61,6 @@ class SegmentationTask(DenseTaskBase):
         return metric
 
     def _metrics(self, raw: dict[str, float]) -> dict[str, float]:
-        from tasks.base import TaskError
-
         missing = [k for k in SEG_METRICS if k not in raw]
         if missing:
             raise TaskError(f"IoUMetric returned no {', '.join(missing)}")

@@ -1,16 +1,17 @@
-"""Shared helpers for the mmdet / mmseg tasks (configs, building, weights, data, evaluation).
+"""Everything of the mmdet / mmseg tasks that touches OpenMMLab: configs, building, weights, data,
+evaluation.
 
 Both libraries keep their own registries; every build here runs under an explicit default scope so
 a detector and a segmentor can live in one process (the harness runs cls, det and seg in turn).
-Importing this module requires mmengine, mmcv, mmdet and mmseg (``pip install .[mm]``).
+Importing this module requires mmengine, mmcv, mmdet and mmseg (``pip install .[mm]``); the tasks
+import it through :func:`tasks.mm.base.openmmlab`, which turns its absence into a one-line TaskError.
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import io
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -26,12 +27,6 @@ from torch import nn
 
 from tasks.base import TaskError
 from tasks.mini import fashion
-
-MINI_DIR = Path(__file__).resolve().parent / "mini_dense"
-CONFIG_DIR = MINI_DIR / "configs"
-WEIGHTS_DIR = MINI_DIR / "weights"
-DATA_DIR = MINI_DIR / "data"
-
 
 # --------------------------------------------------------------------------- registries / scope
 
@@ -194,14 +189,6 @@ def convert_original_swin(state: dict[str, torch.Tensor]) -> dict[str, torch.Ten
     return out
 
 
-def sha256(path: str | Path, n: int = 12) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()[:n]
-
-
 def _one_line(e: BaseException, n: int = 200) -> str:
     return " ".join(str(e).split())[:n]
 
@@ -219,7 +206,10 @@ class _ImageCall:
         return super().forward(inputs, data_samples, mode)
 
 
+# detector class -> its image-call subclass, and the same by subclass name: pickle finds a class by
+# module attribute, which the module __getattr__ below answers from this explicit table
 _IMAGE_CALL_CLASSES: dict[type, type] = {}
+_IMAGE_CALL_BY_NAME: dict[str, type] = {}
 
 
 def allow_image_call(model: nn.Module) -> nn.Module:
@@ -228,12 +218,18 @@ def allow_image_call(model: nn.Module) -> nn.Module:
     if issubclass(cls, _ImageCall):
         return model
     if cls not in _IMAGE_CALL_CLASSES:
-        # module-level registration keeps these classes picklable by name
         sub = type(f"{cls.__name__}ImageCall", (_ImageCall, cls), {"__module__": __name__})
-        globals()[sub.__name__] = sub
-        _IMAGE_CALL_CLASSES[cls] = sub
+        _IMAGE_CALL_CLASSES[cls] = _IMAGE_CALL_BY_NAME[sub.__name__] = sub
     model.__class__ = _IMAGE_CALL_CLASSES[cls]
     return model
+
+
+def __getattr__(name: str) -> type:
+    """Module attributes for the image-call subclasses made so far (keeps them picklable by name)."""
+    try:
+        return _IMAGE_CALL_BY_NAME[name]
+    except KeyError:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}") from None
 
 
 def default_det_samples(inputs: torch.Tensor) -> list:
@@ -304,9 +300,3 @@ def evaluate(model: nn.Module, dataset, metric_cfg: dict, scope_name: str, devic
         model.train(was_training)
     return {k.split("/", 1)[-1]: round(float(v), 4) for k, v in results.items() if np.ndim(v) == 0}
 
-
-def first_existing(candidates: Iterable[Path]) -> Path | None:
-    for c in candidates:
-        if c.exists():
-            return c
-    return None
