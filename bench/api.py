@@ -13,7 +13,6 @@ Every name is validated by :func:`make_plan` before anything runs; a bad one rai
 
 from __future__ import annotations
 
-import difflib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +27,7 @@ from bench.store import ResultStore
 from methods.base import METHODS
 from methods.data import SOURCES
 from methods.quant.bits import BitSpec, BitSpecError, parse_bits
+from methods.quant.registry import unknown_name_message
 from tasks.base import DATASETS, TASKS, Task, get_task, task_options
 
 DEFAULT_BITS = ("w4a4", "w6a6", "w8a8", "w4a8")
@@ -76,13 +76,7 @@ def _names(value: str | Sequence[str] | None) -> list[str]:
 def _check_names(kind: str, given: Sequence[str], valid: Sequence[str]) -> None:
     for name in given:
         if name not in valid:
-            raise UsageError(_unknown(kind, name, valid))
-
-
-def _unknown(kind: str, name: str, valid: Sequence[str]) -> str:
-    close = difflib.get_close_matches(name, list(valid), n=1)
-    hint = f"; did you mean {close[0]!r}?" if close else ""
-    return f"unknown {kind} {name!r}{hint} (valid: {', '.join(valid)})"
+            raise UsageError(unknown_name_message(kind, name, list(valid)))
 
 
 def registry_names(kind: str, registry: Any) -> list[str]:

@@ -32,7 +32,7 @@ from bench.tables import FORMATS, write_tables
 from methods.base import METHODS, get_method
 from methods.data import SOURCES
 from methods.quant.bits import BIT_CANDIDATES, NAMED_SPECS
-from methods.quant.registry import UnknownName
+from methods.quant.registry import UnknownName, unknown_name_message
 from tasks.base import DATASETS, TASKS, TaskError, get_task
 
 DEFAULT_BITS = ",".join(api.DEFAULT_BITS)
@@ -46,7 +46,7 @@ def _split(text: str | None) -> list[str]:
 def _check_names(kind: str, given: Sequence[str], valid: Sequence[str]) -> None:
     for name in given:
         if name not in valid:
-            raise UsageError(f"unknown {kind} {name!r}; valid: {', '.join(valid)}")
+            raise UsageError(unknown_name_message(kind, name, list(valid)))
 
 
 def load_plugins(specs: Sequence[str]) -> None:
@@ -192,7 +192,8 @@ def _method_config_table(name: str) -> str:
     configs = [jsonable(cls.make_config(p)) for p in profiles]
     rows = [[field, *(c[field] for c in configs)] for field in configs[0]]
     return (f"{name}: config fields per profile (set any with --method-args K=V,...)\n"
-            + tabulate(rows, headers=["field", *profiles], maxcolwidths=[None] + [40] * len(profiles)))
+            + tabulate(rows, headers=["field", *profiles], maxcolwidths=[None] + [40] * len(profiles),
+                       missingval="None"))
 
 
 def cmd_list(args: argparse.Namespace) -> int:

@@ -1,15 +1,17 @@
 """Fake methods and a fake task for the harness tests (no real models, milliseconds per job).
 
-``install(monkeypatch)`` swaps the method and task registries for fresh ones holding only
-these fakes (no built-ins, no entry points), so the harness is tested on its own.
+``with installed():`` leaves only these fakes in the method and task registries, and only the real and
+noise data sources (no built-ins, no entry points), so the harness is tested on its own.
 Subprocess tests load this file with ``--plugin tests/bench_fakes.py:install``.
 Every call is counted in ``CALLS`` so tests can check what a run executed.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -17,9 +19,9 @@ from torch import nn
 
 import methods.base as mb
 import tasks.base as tb
-from methods.base import QuantMethod, RunContext
+from methods.base import Built, QuantMethod, QuantResult, RunContext
+from methods.data import SOURCES, GaussianNoise, RealImages
 from methods.quant.bits import BitSpec
-from methods.quant.registry import Registry
 from methods.quant.target import InputSpec, QuantTarget
 from tasks.base import Task, TaskError, TaskHandle
 
@@ -101,19 +103,19 @@ def _fake_quant(model: nn.Module, bits: int, noise: torch.Tensor | None = None) 
 
 
 class FakeFP(QuantMethod):
+    """The template's FP path (bits=fp returns the task's model), counted."""
+
     data_free = True
-
-    @dataclass
-    class Config:
-        pass
-
-    provenance = {"identity": "choice: the FP model itself"}
     summary = "full precision reference"
 
-    def quantize(self, target: QuantTarget, bits: BitSpec, ctx: RunContext) -> nn.Module:
+    def quantize(self, target: QuantTarget, bits: BitSpec, ctx: RunContext) -> QuantResult:
         CALLS["quantize:fp"] += 1
-        ctx.record_quantization(bits)
-        return target.model
+        return super().quantize(target, bits, ctx)
+
+
+@dataclass
+class FakeFPConfig:
+    pass
 
 
 @dataclass
@@ -121,60 +123,96 @@ class ToyPTQConfig:
     calib_size: int = 32
     clip: float = 1.0
     layers: tuple[str, ...] = ("fc",)
+    data_source: str | None = None
 
 
 class ToyPTQ(QuantMethod):
+    """Hooks only: real images from the template, a hand-rolled weight rounding as the build."""
+
     data_free = False
-    Config = ToyPTQConfig
-    PROFILES = {"ci": {"calib_size": 4}}
-    provenance = {"quantizer": "choice: symmetric per-tensor", "calibration": "paper: min-max"}
     summary = "toy PTQ with real calibration images"
 
-    def quantize(self, target: QuantTarget, bits: BitSpec, ctx: RunContext) -> nn.Module:
+    def num_images(self, target: QuantTarget) -> int:
+        return self.config.calib_size
+
+    def calibration_data(self, target: QuantTarget, ctx: RunContext) -> torch.Tensor:
         CALLS[f"quantize:{self.name}"] += 1
         if self.name in FAIL_METHOD:
             raise RuntimeError("boom inside the method")
-        assert ctx.calibration is not None, "PTQ method must get calibration data"
-        with ctx.timer("calibration"):
-            images = ctx.calibration(self.config.calib_size)
+        images = super().calibration_data(target, ctx)
         CALLS[f"calib_n:{images.shape[0]}"] += 1
-        policy = {"name": "toy", "rules": [{"kind": "linear", "names": ["fc"]}]}
-        ctx.record_quantization(bits.resolve(["fc"]), policy)
+        return images
+
+    def build(self, target: QuantTarget, bits: BitSpec, ctx: RunContext) -> Built:
+        model = _fake_quant(target.model, bits.w_bits or 8)
         ctx.note("toy ptq ran")
-        return _fake_quant(target.model, bits.w_bits or 8)
+        policy = {"name": "toy", "rules": [{"kind": "linear", "names": ["fc"]}]}
+        return Built(model, model, bits.resolve(["fc"]), policy)
+
+    def calibrate(self, built: Built, images: torch.Tensor, target: QuantTarget, ctx: RunContext) -> None:
+        """Weights only: nothing to calibrate."""
 
 
-class ToyDFQ(QuantMethod):
+@dataclass
+class ToyDFQConfig:
+    steps: int = 100
+    noise: float = 0.05
+    data_source: str | None = None
+
+
+class ToyDFQ(ToyPTQ):
+    """A seed-dependent data-free toy: noise images, and the build perturbs the weights by seeded noise."""
+
     data_free = True
-
-    @dataclass
-    class Config:
-        steps: int = 100
-        noise: float = 0.05
-
-    PROFILES = {"ci": {"steps": 3}}
-    provenance = {"generation": "reconstructed: seeded noise", "quantizer": "code-verified: as ToyPTQ"}
+    data_source = "noise"
     summary = "toy data-free method (seed-dependent)"
 
-    def quantize(self, target: QuantTarget, bits: BitSpec, ctx: RunContext) -> nn.Module:
+    def num_images(self, target: QuantTarget) -> int:
+        return 4
+
+    def calibration_data(self, target: QuantTarget, ctx: RunContext) -> torch.Tensor:
         CALLS[f"quantize:{self.name}"] += 1
-        CALLS[f"dfq_calibration_is_none:{ctx.calibration is None}"] += 1
-        with ctx.timer("generation"):
-            noise = self.config.noise * torch.randn(4, 8, generator=ctx.generator())
-        ctx.record_quantization(bits.resolve(["fc"]), {"name": "toy-dfq"})
+        return QuantMethod.calibration_data(self, target, ctx)
+
+    def build(self, target: QuantTarget, bits: BitSpec, ctx: RunContext) -> Built:
+        noise = self.config.noise * torch.randn(4, 8, generator=ctx.generator(1))
         ctx.extra["synthetic_images"] = 0
-        return _fake_quant(target.model, bits.w_bits or 8, noise)
+        model = _fake_quant(target.model, bits.w_bits or 8, noise)
+        return Built(model, model, bits.resolve(["fc"]), {"name": "toy-dfq"})
 
 
-def install(monkeypatch=None) -> None:
-    """Replace the registries with the fakes only (monkeypatch in-process, plain setattr in a subprocess)."""
-    set_ = monkeypatch.setattr if monkeypatch is not None else setattr
-    set_(mb, "_METHODS", {})
-    set_(mb, "_loaded", True)
-    set_(tb, "TASKS", Registry("task", validate=tb.TASKS.validate))  # no built-ins, no entry points
-    # Fresh subclasses each time: register_method sets cls.name, which must not leak between installs.
-    mb.register_method("fp")(type("FP", (FakeFP,), {}))
-    mb.register_method("toy-ptq")(type("ToyPTQ_", (ToyPTQ,), {}))
-    mb.register_method("toy-dfq")(type("ToyDFQ_", (ToyDFQ,), {}))
-    tb.TASKS.register("toy")(ToyTask)
-    CALLS.clear()
+FAKE_METHODS = {
+    "fp": (FakeFP, FakeFPConfig, {}, {"identity": "choice: the FP model itself"}),
+    "toy-ptq": (ToyPTQ, ToyPTQConfig, {"ci": {"calib_size": 4}},
+                {"quantizer": "choice: symmetric per-tensor", "calibration": "paper: min-max"}),
+    "toy-dfq": (ToyDFQ, ToyDFQConfig, {"ci": {"steps": 3}},
+                {"generation": "reconstructed: seeded noise", "quantizer": "code-verified: as ToyPTQ"}),
+}
+
+
+def register_fake(name: str, base: type) -> type:
+    """A fresh subclass of a fake registered under ``name`` (register sets cls.name: no leaks)."""
+    cls, config, profiles, provenance = FAKE_METHODS.get(name, FAKE_METHODS["toy-ptq"])
+    sub = type(f"{base.__name__}_{name}", (base,), {})
+    return mb.register_method(name, config=config, profiles=profiles, provenance=provenance)(sub)
+
+
+@contextlib.contextmanager
+def installed() -> Iterator[None]:
+    """Only the fakes in the method and task registries (no built-ins, no entry points) inside."""
+    with mb.METHODS.isolated(), tb.TASKS.isolated(), SOURCES.isolated():
+        SOURCES.add("real", RealImages)  # the harness's own sources; no generator method is loaded
+        SOURCES.add("noise", GaussianNoise)
+        for name, (cls, *_rest) in FAKE_METHODS.items():
+            register_fake(name, cls)
+        tb.TASKS.register("toy")(ToyTask)
+        CALLS.clear()
+        yield
+
+
+_INSTALLED = contextlib.ExitStack()
+
+
+def install() -> None:
+    """``--plugin tests/bench_fakes.py:install``: the fakes only, for the rest of the process."""
+    _INSTALLED.enter_context(installed())

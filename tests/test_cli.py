@@ -14,6 +14,7 @@ import torch
 from bench_fakes import CALLS
 
 import bench.cli as cli
+from bench import api
 from bench.regress import ToleranceRule, compare
 from bench.store import ResultStore
 
@@ -32,9 +33,10 @@ def bench_subprocess(*args: str) -> subprocess.CompletedProcess:
 
 @pytest.fixture
 def fakes(monkeypatch):
-    bench_fakes.install(monkeypatch)
     monkeypatch.delenv(cli.PLUGIN_ENV, raising=False)
-    monkeypatch.setitem(cli.REGRESS_GRID, "tasks", "toy")  # the golden grid, on the fake task
+    monkeypatch.setitem(api.REGRESS_GRID, "tasks", "toy")  # the golden grid, on the fake task
+    with bench_fakes.installed():
+        yield
 
 
 # --- validation through the real entry point (subprocess) ---------------------------------------------
@@ -221,7 +223,7 @@ def test_method_args_set_config_fields_and_get_their_own_rows(tmp_path, fakes, c
     (rec,) = [r for r in ResultStore(out).records() if r.get("method_args")]
     # values take the field's type: clip 1 -> 1.0, the tuple stays a tuple (a list in JSON)
     assert rec["method_args"] == {"calib_size": 2, "clip": 1.0, "layers": ["fc", "head"]}
-    assert rec["config"] == {"calib_size": 2, "clip": 1.0, "layers": ["fc", "head"]}
+    assert rec["config"] == {"calib_size": 2, "clip": 1.0, "layers": ["fc", "head"], "data_source": None}
     assert rec["job_id"] == "toy/toy-a/toy-ptq[calib_size=2,clip=1.0,layers=['fc', 'head']]/w4a4/0"
     assert CALLS["calib_n:2"] == 1  # the method really got the field
     assert cli.main(["tables", "--results", str(out), "--format", "md"]) == 0
@@ -248,10 +250,8 @@ def test_method_args_errors_are_one_line(tmp_path, fakes, capsys, args, message)
     assert not out.exists() and sum(CALLS.values()) == 0
 
 
-def test_failed_job_gives_exit_1(tmp_path, monkeypatch, capsys):
-    monkeypatch.delenv(cli.PLUGIN_ENV, raising=False)
-    bench_fakes.install(monkeypatch)
-    bench_fakes.mb.register_method("toy-broken")(type("ToyBroken", (bench_fakes.ToyPTQ,), {}))
+def test_failed_job_gives_exit_1(tmp_path, fakes, capsys):
+    bench_fakes.register_fake("toy-broken", bench_fakes.ToyPTQ)
     code = cli.main(
         [
             "run",
@@ -297,7 +297,8 @@ def test_list_one_methods_config(fakes, capsys):
     assert "--method-args" in lines[0]
     assert lines[1].split() == ["field", "paper", "ci"]
     rows = {line.split()[0]: line.split()[1:] for line in lines[3:]}
-    assert rows == {"calib_size": ["32", "4"], "clip": ["1.0", "1.0"], "layers": ["['fc']", "['fc']"]}
+    assert rows == {"calib_size": ["32", "4"], "clip": ["1.0", "1.0"], "layers": ["['fc']", "['fc']"],
+                    "data_source": ["None", "None"]}
     assert cli.main(["list", "--method", "nope"]) == 2
     assert capsys.readouterr().err.startswith("error: unknown method 'nope'")
 

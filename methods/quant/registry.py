@@ -8,7 +8,8 @@ every layer can use it without importing the layers above.
 * Third-party entries come from an entry-point group: the entry point's name is the registered name,
   its value the object (or a module whose import registers it).
 * Unknown names raise :class:`UnknownName` with the valid names and a "did you mean" suggestion.
-* :meth:`Registry.scoped` lets a test register throw-away entries and restores the registry after.
+* :meth:`Registry.scoped` lets a test register throw-away entries and restores the registry after;
+  :meth:`Registry.isolated` also hides the built-ins and entry points (a harness test on fakes only).
 """
 
 from __future__ import annotations
@@ -80,6 +81,17 @@ class Registry(Generic[T]):
         finally:
             self._entries = saved
 
+    @contextlib.contextmanager
+    def isolated(self) -> Iterator[Registry[T]]:
+        """No built-ins, no entry points, no entries inside the block (a test harness with fakes only);
+        everything is back after it."""
+        saved = (self.builtins, self.entry_point_group, self._entries)
+        self.builtins, self.entry_point_group, self._entries = {}, None, {}
+        try:
+            yield self
+        finally:
+            self.builtins, self.entry_point_group, self._entries = saved
+
     # -- lookup --------------------------------------------------------------------------------
 
     def _entry_points(self) -> dict[str, object]:
@@ -116,6 +128,11 @@ class Registry(Generic[T]):
 
     def unknown_message(self, name: str) -> str:
         valid = self.names()
-        close = difflib.get_close_matches(name, valid, n=1)
-        hint = f"; did you mean {close[0]!r}?" if close else ""
-        return f"unknown {self.kind} {name!r}{hint} (valid: {', '.join(valid)})"
+        return unknown_name_message(self.kind, name, valid)
+
+
+def unknown_name_message(kind: str, name: str, valid: list[str]) -> str:
+    """``unknown method 'mimq'; valid: fp, ..., mimiq; did you mean 'mimiq'?`` (one line)."""
+    close = difflib.get_close_matches(name, valid, n=1)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    return f"unknown {kind} {name!r}; valid: {', '.join(valid)}{hint}"
