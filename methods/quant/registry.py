@@ -79,7 +79,9 @@ class Registry(Generic[T]):
         try:
             yield self
         finally:
-            self._entries = saved
+            # a built-in module imported inside the block registers only once per process: keep those
+            builtin = {k: v for k, v in self._entries.items() if k in self.builtins}
+            self._entries = {**saved, **builtin}
 
     @contextlib.contextmanager
     def isolated(self) -> Iterator[Registry[T]]:
