@@ -300,13 +300,12 @@ def test_baselines_quantize_dense_models(task_cls, name, scope_, random_ckpts, t
     assert target.quant_path == ("backbone" if scope_ == "backbone" else "")
     x = task.calibration(handle, 2, seed=3)
     for method, overrides in (("fp", {}), ("minmax-ptq", {}), ("noise-ptq", {}),
-                              ("psaq-vit", dict(iterations=2, warmup=1, batch_size=2, use_cache=False,
-                                                save_grid=False))):
+                              ("psaq-vit", dict(iterations=2, warmup=1, dense_batch_size=2))):
         cls = get_method(method)
         ctx = RunContext(device=torch.device("cpu"), seed=0, profile="ci", cache_dir=tmp_path,
-                         artifacts_dir=tmp_path,
-                         calibration=None if cls.data_free else (lambda n: task.calibration(handle, n, 0)))
-        qmodel = cls(cls.make_config("ci", **overrides)).quantize(target, parse_bits("w4a4"), ctx)
+                         artifacts_dir=tmp_path, use_cache=False, galleries=False,
+                         real_images=lambda n: task.calibration(handle, n, 0))
+        qmodel = cls(cls.make_config("ci", **overrides)).quantize(target, parse_bits("w4a4"), ctx).model
         if method == "fp":
             continue
         heads = [m for n, m in qmodel.named_modules() if not n.startswith("backbone")]

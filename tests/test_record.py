@@ -10,7 +10,8 @@ from bench.record import FIELDS, SCHEMA_VERSION, Record, RecordSchemaError, read
 from bench.store import ResultStore
 
 
-def _record(**over) -> dict:
+def make_record(**over) -> dict:
+    """A complete current-schema record (every field), with ``over`` applied."""
     values = {name: None for name in FIELDS}
     values.update(key="k1", job_id="cls/m/fp/fp/0", method="fp", config={}, model="m", weights="default",
                   task="cls", dataset="mini", bits="fp", seed=0, profile="ci", metrics={"top1": 90.0},
@@ -23,7 +24,7 @@ def _record(**over) -> dict:
 
 
 def test_round_trip_and_optional_fields_absent(tmp_path):
-    rec = _record()
+    rec = make_record()
     assert "options" not in rec and "method_args" not in rec  # absent when unset, as before
     store = ResultStore(tmp_path)
     store.write(rec)
@@ -31,7 +32,7 @@ def test_round_trip_and_optional_fields_absent(tmp_path):
 
 
 def test_schema_1_is_upgraded():
-    old = _record()
+    old = make_record()
     old["schema"] = 1
     old["synthetic_sha256"] = old.pop("image_sha256") | {"calibration": "ab" * 32}
     for name in ("data_sources", "galleries", "data"):
@@ -45,7 +46,7 @@ def test_schema_1_is_upgraded():
 def test_unknown_schema_is_rejected_in_one_line(tmp_path):
     store = ResultStore(tmp_path)
     store.runs_dir.mkdir(parents=True)
-    (store.runs_dir / "k2.json").write_text(json.dumps(_record(key="k2", schema=7)))
+    (store.runs_dir / "k2.json").write_text(json.dumps(make_record(key="k2", schema=7)))
     with pytest.raises(RecordSchemaError, match=r"k2.json has schema 7; this vitq-bench reads schemas \[1"):
         store.load("k2")
     with pytest.raises(RecordSchemaError, match="lacks fields"):

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from test_record import make_record
 
 import bench.store as store_mod
 from bench.store import KEY_FIELDS, ResultStore, atomic_write_json, canonical_json, job_key, records_frame
@@ -30,7 +31,7 @@ def _parts(**changes):
 
 
 def _record(key: str, top1: float = 70.0) -> dict:
-    return {"key": key, **_parts(), "metrics": {"top1": top1, "top5": 90.0}, "fp_metrics": {"top1": 80.0}}
+    return make_record(key=key, **_parts(), metrics={"top1": top1, "top5": 90.0}, fp_metrics={"top1": 80.0})
 
 
 def _files(d: Path) -> list[str]:
