@@ -130,6 +130,7 @@ class QuantMethod:
     name: ClassVar[str] = ""
     data_free: ClassVar[bool] = False
     data_source: ClassVar[str] = "real"  # the source calibration_data uses unless the config names one
+    quantizes: ClassVar[bool] = True  # False: the FP reference (every bit spec returns the FP model)
     Config: ClassVar[type]
     PROFILES: ClassVar[dict[str, dict[str, Any]]] = {}
     provenance: ClassVar[dict[str, str]] = {}
@@ -160,8 +161,9 @@ class QuantMethod:
 
     def quantize(self, target: QuantTarget, bits: BitSpec, ctx: RunContext) -> QuantResult:
         """Run the hooks in order; the FP reference (``bits=fp``) returns the task's model unchanged."""
-        if bits.is_fp:
-            return QuantResult(target.model, bits, None, ["bits=fp: the task's FP model, unchanged"])
+        if bits.is_fp or not self.quantizes:
+            fp = bits if bits.is_fp else BitSpec("fp", None, None)
+            return QuantResult(target.model, fp, None, ["the task's FP model, unchanged"])
         method = type(self)(self.target_config(target, ctx))
         images = method.calibration_data(target, ctx)
         built = method.build(target, bits, ctx)

@@ -149,6 +149,7 @@ class FullPrecision(QuantMethod):
     """The task's FP model, unchanged: the reference row of every table (the template's bits=fp path)."""
 
     data_free = True
+    quantizes = False
     summary = "full-precision reference (no quantization)"
 
 
