@@ -89,9 +89,9 @@ def main(argv: list[str] | None = None) -> int:
                 x = task.calibration(handle, calib_n, 0)
                 ctx = RunContext(device=torch.device("cpu"), seed=args.seed, profile=args.profile,
                                  cache_dir=args.cache_dir or f"{tmp}/cache", artifacts_dir=f"{tmp}/art",
-                                 log=logging.getLogger("select_profile"))
+                                 galleries=False, log=logging.getLogger("select_profile"))
                 t0 = time.perf_counter()
-                student = method_cls(config).quantize(target, bits, ctx)
+                student = method_cls(config).quantize(target, bits, ctx).model
                 seconds = round(time.perf_counter() - t0, 1)
                 row = {"setting": overrides, "model": model, "bits": args.bits, "seed": args.seed,
                        **teacher_scores(target.model, student, x), "seconds": seconds}

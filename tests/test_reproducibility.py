@@ -38,10 +38,10 @@ def test_same_job_twice_gives_identical_metrics_and_images(tmp_path):
                                 "cls/mini-vit/mimiq/w4a4/0"}
     for job_id in a:
         assert a[job_id]["metrics"] == b[job_id]["metrics"], job_id
-        assert a[job_id]["synthetic_sha256"] == b[job_id]["synthetic_sha256"], job_id
+        assert a[job_id]["image_sha256"] == b[job_id]["image_sha256"], job_id
         assert a[job_id]["environment"]["torch_threads"] == 1
-    assert len(a["cls/mini-vit/psaq-vit/w4a4/0"]["synthetic_sha256"]["calibration"]) == 64
-    assert a["cls/mini-vit/mimiq/w4a4/0"]["synthetic_sha256"]["synthetic"]
+    assert len(a["cls/mini-vit/psaq-vit/w4a4/0"]["image_sha256"]["calibration"]) == 64
+    assert a["cls/mini-vit/mimiq/w4a4/0"]["data_sources"]["calibration"]["source"] == "mimiq"
 
 
 def test_regress_passes_then_catches_a_broken_quantizer(tmp_path):
