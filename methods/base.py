@@ -229,9 +229,7 @@ class QuantMethod:
 # Registry
 
 
-def _validate(name: str, cls: type) -> None:
-    if not (isinstance(cls, type) and issubclass(cls, QuantMethod)):
-        raise ValueError(f"method {name!r} must be a QuantMethod subclass, got {cls!r}")
+def _check_provenance(name: str, cls: type[QuantMethod]) -> None:
     bad = {k: v for k, v in cls.provenance.items() if v.split(":")[0] not in PROVENANCE_LEVELS}
     if bad:
         raise ValueError(f"method {name!r}: provenance levels must be one of {PROVENANCE_LEVELS}: {bad}")
@@ -248,7 +246,8 @@ METHODS: Registry[type[QuantMethod]] = Registry(
         "mimiq": "methods.mimiq",
     },
     entry_point_group="vitq_bench.methods",
-    validate=_validate,
+    base=QuantMethod,
+    validate=_check_provenance,
 )
 
 

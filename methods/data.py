@@ -58,11 +58,6 @@ class DataSource:
         return {k: getattr(config, k) for k in fields}
 
 
-def _validate(name: str, obj: type) -> None:
-    if not (isinstance(obj, type) and issubclass(obj, DataSource)):
-        raise ValueError(f"data source {name!r} must be a DataSource subclass, got {obj!r}")
-
-
 SOURCES: Registry[type[DataSource]] = Registry(
     "data source",
     builtins={
@@ -73,7 +68,7 @@ SOURCES: Registry[type[DataSource]] = Registry(
         "mimiq": "methods.mimiq",
     },
     entry_point_group="vitq_bench.data_sources",
-    validate=_validate,
+    base=DataSource,
 )
 register_source = SOURCES.register
 

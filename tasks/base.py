@@ -134,16 +134,11 @@ def _sha256_hex(path: str, size: int, mtime_ns: int) -> str:
 # --------------------------------------------------------------------------- registry
 
 
-def _check_task(name: str, obj: type[Task]) -> None:
-    if not (isinstance(obj, type) and issubclass(obj, Task)):
-        raise ValueError(f"task {name!r} must be a subclass of tasks.base.Task, got {obj!r}")
-
-
 TASKS: Registry[type[Task]] = Registry(
     "task",
     builtins={"cls": "tasks.cls", "det": "tasks.mm.det", "seg": "tasks.mm.seg"},
     entry_point_group="vitq_bench.tasks",
-    validate=_check_task,
+    base=Task,
 )
 register_task = TASKS.register
 

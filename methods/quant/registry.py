@@ -34,8 +34,9 @@ class UnknownName(LookupError):
 class Registry(Generic[T]):
     """Name -> object, with lazily imported built-ins and entry points.
 
-    ``validate(name, obj)`` (optional) runs at registration and raises ``ValueError`` for a bad entry.
-    Classes get a ``name`` attribute set to their registered name.
+    ``base`` (optional): every entry must be a subclass of it. ``validate(name, obj)`` (optional) runs
+    at registration after that check and raises ``ValueError`` for a bad entry. Classes get a
+    ``name`` attribute set to their registered name.
     """
 
     def __init__(
@@ -44,8 +45,10 @@ class Registry(Generic[T]):
         builtins: Mapping[str, str] | None = None,
         entry_point_group: str | None = None,
         validate: Callable[[str, T], None] | None = None,
+        base: type | None = None,
     ) -> None:
         self.kind = kind
+        self.base = base
         self.builtins = dict(builtins or {})  # name -> module whose import registers it
         self.entry_point_group = entry_point_group
         self.validate = validate
@@ -66,6 +69,9 @@ class Registry(Generic[T]):
         current = self._entries.get(name)
         if current is not None and current is not obj:
             raise ValueError(f"{self.kind} {name!r} is registered twice ({current} and {obj})")
+        if self.base is not None and not (isinstance(obj, type) and issubclass(obj, self.base)):
+            where = f"{self.base.__module__}.{self.base.__qualname__}"
+            raise ValueError(f"{self.kind} {name!r} must be a subclass of {where}, got {obj!r}")
         if self.validate is not None:
             self.validate(name, obj)
         if isinstance(obj, type):
