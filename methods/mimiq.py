@@ -29,7 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from methods.base import QuantMethod, RunContext, register_method
-from methods.quant.attention_distill import head_structural_distill_loss
+from methods.losses import head_structural_distill_loss
 from methods.quant.bits import BitSpec
 from methods.quant.distill import feature_nmse, kl_logits, student_parameters, student_step
 from methods.quant.policy import Policy, Rule, apply_policy, freeze
