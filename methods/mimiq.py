@@ -31,7 +31,7 @@ from torch import Tensor, nn
 
 from methods.base import Built, QuantMethod, RunContext, quant_module, register_method
 from methods.data import DataSource, register_source
-from methods.quant.attention_distill import head_structural_distill_loss
+from methods.losses import head_structural_distill_loss
 from methods.quant.bits import BitSpec
 from methods.quant.distill import feature_nmse, kl_logits, student_parameters, student_step
 from methods.quant.policy import Policy, Rule, apply_policy, freeze

@@ -1,4 +1,5 @@
-"""MimiQ: losses against direct computations, the quantizer variants, policy, determinism, det/seg path."""
+"""MimiQ: the generation prior and loop against direct computations, the quantizer variants, policy,
+determinism, det/seg path (SSIM and L_HAD: tests/test_losses.py)."""
 
 from __future__ import annotations
 
@@ -6,12 +7,11 @@ import math
 
 import pytest
 import torch
-from tiny import make_ctx, make_target, tiny_swin, tiny_vit
+from tiny import SPEC, make_ctx, make_target, tiny_swin, tiny_vit
 from torch import nn
 
 from methods.base import get_method
 from methods.mimiq import first_layer, mimiq_policy
-from methods.quant.attention_distill import contrast_structure, head_structural_distill_loss
 from methods.quant.bits import parse_bits
 from methods.quant.modules import QuantConv2d, QuantLinear, QuantMatMul, Tap
 from methods.quant.qat_quantizers import (
@@ -20,16 +20,19 @@ from methods.quant.qat_quantizers import (
     lsq_grad_scale,
 )
 from methods.quant.quantizers import QuantizerSpec, UniformQuantizer
+from methods.quant.surgery import AttentionRecorder
 from methods.quant.target import InputSpec
-from methods.synth.attention_ssim import (
-    global_ssim,
-    inter_head_similarity_loss,
-    inter_head_ssim,
-    minmax_normalize,
-)
+from methods.synth.attention_ssim import inter_head_similarity_loss, inter_head_ssim, minmax_normalize
 from methods.synth.batch_augment import simclr_batch_augment
-from methods.synth.interhead_generation import offset_noise_remaining
-from methods.synth.priors import total_variation_l2
+from methods.synth.interhead_generation import (
+    color_shift,
+    generate_interhead_images,
+    offset_noise,
+    offset_noise_remaining,
+    roll_jitter,
+)
+from methods.synth.optimize import frozen_params
+from methods.synth.priors import clamp_to_range, total_variation_l2
 
 torch.set_num_threads(1)
 TINY = dict(
@@ -43,20 +46,7 @@ def mimiq(**over):
 
 
 # ------------------------------------------------------------------------------------------------
-# SSIM and the two attention losses
-
-
-def test_global_ssim_matches_hand_computation():
-    x = torch.tensor([0.0, 0.5, 1.0, 0.25])
-    y = torch.tensor([0.1, 0.4, 0.9, 0.5])
-    mx, my = 0.4375, 0.475
-    vx = (0.0 + 0.25 + 1.0 + 0.0625) / 4 - mx**2
-    vy = (0.01 + 0.16 + 0.81 + 0.25) / 4 - my**2
-    cxy = (0.0 + 0.2 + 0.9 + 0.125) / 4 - mx * my
-    c1, c2 = 0.01**2, 0.03**2
-    want = (2 * mx * my + c1) * (2 * cxy + c2) / ((mx**2 + my**2 + c1) * (vx + vy + c2))
-    assert float(global_ssim(x, y)) == pytest.approx(want, rel=1e-5)
-    assert float(global_ssim(x, x)) == pytest.approx(1.0, abs=1e-6)
+# The generation prior (L_IH), its augmentation and the generation loop
 
 
 def test_minmax_normalize_and_its_gradient_match_amin_amax():
@@ -112,27 +102,6 @@ def test_identical_heads_give_zero_inter_head_loss():
     torch.testing.assert_close(inter_head_similarity_loss([scaled]), loss, rtol=1e-4, atol=1e-5)
 
 
-def test_contrast_structure_hand_value_and_student_equal_teacher_gives_zero():
-    t = torch.tensor([1.0, 2.0, 3.0, 4.0])
-    s = torch.tensor([2.0, 1.0, 4.0, 3.0])
-    vt = vs = 1.25
-    cts = (2 + 2 + 12 + 12) / 4 - 2.5 * 2.5
-    want = (2 * cts + 0.03**2) / (vt + vs + 0.03**2)
-    assert float(contrast_structure(t, s)) == pytest.approx(want, rel=1e-6)
-    # luminance is ignored: a constant shift of the student changes nothing
-    assert float(contrast_structure(t, t + 3.0)) == pytest.approx(1.0, abs=1e-6)
-
-    g = torch.Generator().manual_seed(1)
-    teacher = [torch.randn(2, 3, 9, 4, generator=g), torch.randn(8, 3, 4, 4, generator=g)]
-    assert float(head_structural_distill_loss(teacher, [t.clone() for t in teacher], 1)) == pytest.approx(
-        0.0, abs=1e-6)
-    student = [x + 0.5 * torch.randn(x.shape, generator=g) for x in teacher]
-    manual = torch.stack([1 - contrast_structure(a[:, :, 1:], b[:, :, 1:], dim=2).mean()
-                          for a, b in zip(teacher, student, strict=True)]).mean()
-    torch.testing.assert_close(head_structural_distill_loss(teacher, student, 1), manual)
-    assert float(manual) > 0.05
-
-
 def test_total_variation_and_offset_noise_schedule():
     x = torch.zeros(1, 1, 3, 3)
     x[0, 0, 1, 1] = 1.0
@@ -140,6 +109,70 @@ def test_total_variation_and_offset_noise_schedule():
     assert float(total_variation_l2(x)) == pytest.approx(4 * math.sqrt(2), rel=1e-6)
     assert float(total_variation_l2(x, 0.5**0.5)) == pytest.approx(2 * math.sqrt(2) + 2, rel=1e-6)
     assert [offset_noise_remaining(t, 5) for t in range(5)] == [3, 2, 1, 0, 4]
+
+
+GEN = dict(num_images=6, batch_size=4, iterations=4, num_classes=10, drop_tokens=1, jitter=(1, 2))
+
+
+def _generation_written_out(model: nn.Module, generator: torch.Generator):
+    """MimiQ's generation loop as released (AdamW, cosine to eta_min, roll + offset noise + colour
+    shift, L_IH + CE + TV on the un-augmented pixels, clamp), at generate_interhead_images' defaults."""
+    lo, hi = SPEC.valid_range()
+    its, images, labels = GEN["iterations"], [], []
+    with frozen_params(model), AttentionRecorder(model, roles=("qk",)) as rec:
+        for bs in (4, 2):
+            x = torch.randn(SPEC.shape(bs), generator=generator).requires_grad_(True)
+            y = torch.randint(10, (bs,), generator=generator)
+            opt = torch.optim.AdamW([x], lr=0.1, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-6)
+            sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=its, eta_min=1e-3)
+            for t in range(its):
+                x_aug = roll_jitter(x, 1 if t < its / 2 else 2, generator)
+                x_aug = color_shift(offset_noise(x_aug, t, its, 0.5, generator), generator, 1.0, 1.0)
+                rec.clear()
+                opt.zero_grad()
+                out = model(x_aug)
+                loss = (inter_head_similarity_loss(rec.outputs["qk"], 1) + 2.5e-5 * total_variation_l2(x)
+                        + torch.nn.functional.cross_entropy(out, y))
+                loss.backward()
+                opt.step()
+                sched.step()
+                clamp_to_range(x.data, lo, hi)
+            images.append(x.detach())
+            labels.append(y)
+    return torch.cat(images), torch.cat(labels)
+
+
+def test_generation_equals_the_loop_written_out():
+    model = tiny_vit()
+    res = generate_interhead_images(model, model, SPEC, generator=torch.Generator().manual_seed(4), **GEN)
+    images, labels = _generation_written_out(model, torch.Generator().manual_seed(4))
+    assert torch.equal(res.images, images) and torch.equal(res.labels, labels)
+    assert res.discarded == 0 and len(res.history) == 2
+    assert set(res.history[0]) == {f"{w}_{k}" for w in ("first", "last") for k in ("loss", "ih", "tv", "ce")}
+    lo, hi = SPEC.valid_range()
+    assert images.min() >= lo.min() and images.max() <= hi.max()
+    assert all(p.requires_grad for p in model.parameters())  # frozen only while generating
+
+
+def test_generation_discards_batches_that_turn_nan():
+    model = tiny_vit()
+    calls = []
+
+    def forward(x):  # NaN logits at the second step of the second batch
+        calls.append(1)
+        out = model(x)
+        return out * math.nan if len(calls) == GEN["iterations"] + 2 else out
+
+    res = generate_interhead_images(model, forward, SPEC, generator=torch.Generator().manual_seed(4), **GEN)
+    assert res.discarded == 1 and res.images.shape[0] == 4 and res.labels.shape == (4,)
+    assert len(calls) == GEN["iterations"] + 2  # the NaN batch stopped at once
+    full = generate_interhead_images(model, model, SPEC, generator=torch.Generator().manual_seed(4), **GEN)
+    assert torch.equal(res.images, full.images[:4])  # the first batch is unaffected
+    notes = []
+    with pytest.raises(RuntimeError, match="every generated batch"):
+        generate_interhead_images(model, lambda x: model(x) * math.nan, SPEC, progress=notes.append,
+                                  generator=torch.Generator().manual_seed(4), **GEN)
+    assert notes == ["batch 1/2: NaN, discarded", "batch 2/2: NaN, discarded"]
 
 
 # ------------------------------------------------------------------------------------------------

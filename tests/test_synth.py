@@ -1,4 +1,4 @@
-"""Unit tests of methods/synth: PSE (KDE entropy), priors, augmentation, schedule, loop."""
+"""Unit tests of methods/synth: PSE (KDE entropy), priors, augmentation, schedules, the pixel loop."""
 
 from __future__ import annotations
 
@@ -9,13 +9,12 @@ import pytest
 import torch
 from scipy.stats import gaussian_kde as scipy_kde
 
-from methods.synth.optimize import Stage, optimize_pixels, warmup_cosine_lr
+from methods.synth.optimize import Stage, StagedWarmupCosine, StepInfo, optimize_pixels, warmup_cosine_lr
 from methods.synth.priors import (
     clamp_to_range,
     jitter_flip,
     scale_jitter_limit,
     total_variation_l2,
-    total_variation_mean,
     tv_target_loss,
     tv_target_scale,
 )
@@ -107,7 +106,6 @@ def test_total_variation_hand_made():
     expected = math.sqrt(1 + 4) + math.sqrt(4 + 9) + 1.0 + 4.0
     assert total_variation_l2(x).item() == pytest.approx(expected)
     assert tv_target_loss(x, 10.0).item() == pytest.approx(abs(expected - 10.0))
-    assert total_variation_mean(x, p=1).item() == pytest.approx(1.5 + 2.5 + 1.0 + 4.0)
 
 
 def test_tv_target_scale():
@@ -143,22 +141,95 @@ def test_warmup_cosine_schedule():
     assert warmup_cosine_lr(lr, 3, 0, 10) == pytest.approx(0.5 * (1 + math.cos(math.pi * 0.3)) * lr)
 
 
-def test_optimize_pixels_deterministic_and_decreasing():
+def test_staged_warmup_cosine_restarts_per_stage():
+    stages = [Stage(5, warmup=2), Stage(4, warmup=1, lr=0.3)]
+    opt = torch.optim.Adam([torch.zeros(1, requires_grad=True)], lr=0.2)
+    sched = StagedWarmupCosine(opt, stages)
+    seen = []
+    for _ in range(9):
+        seen.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    want = [warmup_cosine_lr(0.2, t, 2, 5) for t in range(5)]
+    want += [warmup_cosine_lr(0.3, t, 1, 4) for t in range(4)]
+    assert seen == want  # the same floats, not just close
+    assert seen[:3] == [0.1, 0.2, 0.2] and seen[5] == pytest.approx(0.3)
+    assert opt.param_groups[0]["lr"] == seen[-1]  # past the last stage: left as it was
+
+
+def _pse_style_run(target, lo, hi, stages, use_loop: bool):
+    """Adam + V1 schedule + jitter/flip + clamp, either through optimize_pixels or written out."""
+    g = torch.Generator().manual_seed(7)
+    x0 = torch.randn(2, 1, 6, 6, generator=g)
+
+    def loss(x_aug, x):  # one term on the augmented input, one on the pixels themselves
+        return ((x_aug - target) ** 2).mean() + 0.01 * total_variation_l2(x)
+
+    if use_loop:
+        infos = []
+
+        def loss_fn(x_aug, x, info):
+            infos.append(info)
+            return loss(x_aug, x), {"tv": total_variation_l2(x).detach()}
+
+        res = optimize_pixels(
+            x0, loss_fn, stages,
+            optimizer=lambda p: torch.optim.Adam(p, lr=0.1, betas=(0.5, 0.9)),
+            scheduler=lambda opt: StagedWarmupCosine(opt, stages),
+            augment=lambda x, stage, _info: jitter_flip(x, stage.jitter, g)[0],
+            valid_range=(lo, hi),
+        )
+        return res.images, [h["loss"] for h in res.history], infos
+    x = x0.clone().requires_grad_(True)
+    opt = torch.optim.Adam([x], lr=0.1, betas=(0.5, 0.9))
+    losses, infos, k = [], [], 0
+    for s, stage in enumerate(stages):
+        for it in range(stage.iterations):
+            lr = warmup_cosine_lr(0.1, it, stage.warmup, stage.iterations)
+            opt.param_groups[0]["lr"] = lr
+            infos.append(StepInfo(s, it, k, lr))
+            x_aug = jitter_flip(x, stage.jitter, g)[0]
+            opt.zero_grad()
+            value = loss(x_aug, x)
+            value.backward()
+            opt.step()
+            with torch.no_grad():
+                x.copy_(torch.maximum(torch.minimum(x, hi), lo))
+            losses.append(float(value.detach()))
+            k += 1
+    return x.detach(), losses, infos
+
+
+def test_optimize_pixels_equals_the_loop_written_out():
     target = torch.linspace(-1, 1, 2 * 1 * 6 * 6).view(2, 1, 6, 6)
     lo, hi = torch.full((1, 1, 1, 1), -0.8), torch.full((1, 1, 1, 1), 0.8)
-    stages = [Stage(30, jitter=1, warmup=5), Stage(30, jitter=2, warmup=5)]
+    stages = [Stage(12, jitter=1, warmup=3), Stage(8, jitter=2, warmup=2)]
+    images, losses, infos = _pse_style_run(target, lo, hi, stages, use_loop=True)
+    ref_images, ref_losses, ref_infos = _pse_style_run(target, lo, hi, stages, use_loop=False)
+    assert torch.equal(images, ref_images)
+    assert losses == ref_losses and infos == ref_infos
+    assert losses[-1] < 0.5 * losses[0]
+    assert images.min() >= -0.8 and images.max() <= 0.8
 
-    def run():
-        g = torch.Generator().manual_seed(7)
-        x0 = torch.randn(2, 1, 6, 6, generator=g)
-        return optimize_pixels(
-            x0, lambda x, info: ((x - target) ** 2).mean() + 0.01 * total_variation_l2(x), stages,
-            lr=0.1, generator=g, valid_range=(lo, hi), augment=None,
-        )
 
-    a, b = run(), run()
-    assert torch.equal(a.images, b.images)
-    assert [h["loss"] for h in a.history] == [h["loss"] for h in b.history]
-    assert len(a.history) == 60
-    assert a.history[-1]["loss"] < 0.5 * a.history[0]["loss"]
-    assert a.images.min() >= -0.8 and a.images.max() <= 0.8
+def test_optimize_pixels_plain_sgd_by_hand_and_stop_on_nan():
+    # SGD on 0.5·||x||² without schedule or augmentation: x_k = (1 - lr)^k · x_0
+    x0 = torch.tensor([[[[2.0, -4.0]]]])
+
+    def half_square(x_aug, x, info):
+        return 0.5 * (x_aug**2).sum()
+
+    res = optimize_pixels(x0, half_square, [Stage(3)], optimizer=lambda p: torch.optim.SGD(p, lr=0.5))
+    assert torch.equal(res.images, x0 * 0.125)
+    assert [h["loss"] for h in res.history] == [10.0, 2.5, 0.625]
+    assert not res.stopped_on_nan and torch.equal(x0, torch.tensor([[[[2.0, -4.0]]]]))  # init untouched
+
+    def nan_at_step_1(x_aug, x, info):
+        return half_square(x_aug, x, info) * (math.nan if info.global_step == 1 else 1.0)
+
+    stopped = optimize_pixels(x0, nan_at_step_1, [Stage(2), Stage(3)],
+                              optimizer=lambda p: torch.optim.SGD(p, lr=0.5), stop_on_nan=True)
+    assert stopped.stopped_on_nan and len(stopped.history) == 2 and torch.isnan(stopped.images).all()
+    ran_on = optimize_pixels(x0, nan_at_step_1, [Stage(2), Stage(3)],
+                             optimizer=lambda p: torch.optim.SGD(p, lr=0.5))
+    assert not ran_on.stopped_on_nan and len(ran_on.history) == 5

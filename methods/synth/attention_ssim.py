@@ -7,7 +7,8 @@ queries and head pairs (MaskAQ/hydra_image_gen_ssim_att_map.py:246-304).
 
 The released code reshapes the key vector to a 14×14 (ViT at 224 px) or 7×7 (Swin window) map before
 taking means over it; a global SSIM only uses means over all keys, so the map's shape is irrelevant
-and any patch grid or window size works: the functions here take the key vector as it is.
+and any patch grid or window size works: the functions here take the key vector as it is. The SSIM
+itself is :func:`methods.synth.ssim.pairwise_global_ssim`.
 """
 
 from __future__ import annotations
@@ -17,17 +18,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-SSIM_C1 = 0.01**2  # SSIM constants for data in [0, 1] (L = 1)
-SSIM_C2 = 0.03**2
-
-
-def global_ssim(x: Tensor, y: Tensor, dim: int = -1, c1: float = SSIM_C1, c2: float = SSIM_C2) -> Tensor:
-    """SSIM of x and y computed over ``dim`` as one window (population (co)variances)."""
-    mx, my = x.mean(dim), y.mean(dim)
-    vx = (x * x).mean(dim) - mx * mx
-    vy = (y * y).mean(dim) - my * my
-    cxy = (x * y).mean(dim) - mx * my
-    return ((2 * mx * my + c1) * (2 * cxy + c2)) / ((mx * mx + my * my + c1) * (vx + vy + c2))
+from methods.synth.ssim import pairwise_global_ssim
 
 
 def minmax_normalize(x: Tensor, dim: int = -1, eps: float = 1e-8) -> Tensor:
@@ -37,24 +28,6 @@ def minmax_normalize(x: Tensor, dim: int = -1, eps: float = 1e-8) -> Tensor:
     lo = x.gather(dim, x.argmin(dim, keepdim=True))
     hi = x.gather(dim, x.argmax(dim, keepdim=True))
     return (x - lo) / (hi - lo + eps)
-
-
-def pairwise_global_ssim(maps: Tensor, c1: float = SSIM_C1, c2: float = SSIM_C2) -> Tensor:
-    """(..., H, K) maps -> (..., H, H) global SSIM of every pair of the H maps over K.
-
-    Same values as broadcasting ``maps.unsqueeze(-2) * maps.unsqueeze(-3)`` (the released code) but
-    the cross moment is one matmul, without the (..., H, H, K) tensor.
-    """
-    k = maps.shape[-1]
-    mu = maps.mean(-1)
-    var = (maps * maps).mean(-1) - mu * mu
-    cross = (maps @ maps.transpose(-1, -2)) / k
-    mu_ij = mu.unsqueeze(-1) * mu.unsqueeze(-2)
-    cov = cross - mu_ij
-    mu_sq = mu * mu
-    num = (2 * mu_ij + c1) * (2 * cov + c2)
-    den = (mu_sq.unsqueeze(-1) + mu_sq.unsqueeze(-2) + c1) * (var.unsqueeze(-1) + var.unsqueeze(-2) + c2)
-    return num / den
 
 
 def inter_head_ssim(logits: Tensor, drop_tokens: int = 0) -> Tensor:

@@ -7,7 +7,8 @@ half of the steps, J₂ after), adds a per-sample per-channel constant offset th
 steps and applies a per-sample per-channel affine colour shift (image_gen_aug_utils.py), records the
 pre-softmax ``q@kᵀ`` of every block, and minimises ``w_ih·L_IH + w_ce·CE + w_tv·TV(x)`` with TV on
 the un-augmented images. After each step the pixels are clamped to the valid range; a batch that
-turns NaN is discarded (as the released code does).
+turns NaN is discarded (as the released code does). The loop is
+:func:`methods.synth.optimize.optimize_pixels`, one run per batch.
 
 All randomness comes from the ``torch.Generator`` passed in (reproducible per seed).
 """
@@ -25,8 +26,8 @@ from torch import Tensor, nn
 from methods.quant.surgery import AttentionRecorder
 from methods.quant.target import InputSpec
 from methods.synth.attention_ssim import inter_head_similarity_loss
-from methods.synth.priors import clamp_to_range, total_variation_l2
-from methods.synth.pse_generation import frozen_params
+from methods.synth.optimize import LossFn, Stage, StepInfo, frozen_params, optimize_pixels
+from methods.synth.priors import total_variation_l2
 
 # MimiQ's reference setting: B = 16 images of 3 x 224 x 224 (the TV weight 2.5e-5 was set for it).
 MIMIQ_TV_REFERENCE = (16, 3, 224, 224)
@@ -103,64 +104,69 @@ def generate_interhead_images(
     roll offsets, the offset noise and the colour shift.
     """
     device = next(hooked.parameters()).device
-    lo, hi = input_spec.valid_range(device)
+    valid_range = input_spec.valid_range(device)
     use_ce = ce_weight > 0 and num_classes is not None
     # filled in place: at the paper setting (10k x 3 x 224 x 224) a list + cat would need twice the memory
     images = torch.empty(num_images, input_spec.in_chans, *input_spec.image_size)
     labels = torch.empty(num_images, dtype=torch.long) if use_ce else None
     kept, history, discarded = 0, [], 0
+
+    # MimiQ's pieces of the shared loop (one run per batch): AdamW, cosine to eta_min, and per step
+    # roll jitter (J1 for the first half) + decaying offset noise + colour shift
+    def adamw(params: list[Tensor]) -> torch.optim.Optimizer:
+        return torch.optim.AdamW(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+
+    def cosine(opt: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LRScheduler:
+        return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=iterations, eta_min=eta_min)
+
+    def augment(x: Tensor, _stage: Stage, info: StepInfo) -> Tensor:
+        t = info.step
+        lim = jitter[0] if t < iterations / 2 else jitter[1]
+        x_aug = roll_jitter(x, lim, generator)
+        return color_shift(offset_noise(x_aug, t, iterations, noise_std, generator), generator,
+                           color_mean, color_std)
+
     with frozen_params(hooked), AttentionRecorder(hooked, roles=("qk",)) as rec:
-        n_batches = math.ceil(num_images / batch_size)
-        for b in range(n_batches):
-            bs = min(batch_size, num_images - b * batch_size)
-            x = torch.randn(input_spec.shape(bs), generator=generator).to(device).requires_grad_(True)
-            y = torch.randint(num_classes, (bs,), generator=generator).to(device) if use_ce else None
-            opt = torch.optim.AdamW([x], lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
-            sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=iterations, eta_min=eta_min)
-            first: dict[str, float] = {}
-            parts: dict[str, float] = {}
-            ok = True
-            for t in range(iterations):
-                lim = jitter[0] if t < iterations / 2 else jitter[1]
-                x_aug = roll_jitter(x, lim, generator)
-                x_aug = color_shift(offset_noise(x_aug, t, iterations, noise_std, generator), generator,
-                                    color_mean, color_std)
+
+        def make_loss(y: Tensor | None) -> LossFn:
+            def loss_fn(x_aug: Tensor, x: Tensor, _info: StepInfo) -> tuple[Tensor, dict[str, float]]:
                 rec.clear()
-                opt.zero_grad(set_to_none=True)
                 out = forward(x_aug)
                 logits = [o for o in rec.outputs["qk"] if o is not None]
                 l_ih = inter_head_similarity_loss(logits, drop_tokens)
-                l_tv = total_variation_l2(x, tv_diag_scale)
+                l_tv = total_variation_l2(x, tv_diag_scale)  # on the un-augmented pixels
                 loss = ih_weight * l_ih + tv_weight * l_tv
                 parts = {"ih": float(l_ih.detach()), "tv": float(l_tv.detach())}
                 if y is not None:
                     l_ce = F.cross_entropy(out, y)
                     loss = loss + ce_weight * l_ce
                     parts["ce"] = float(l_ce.detach())
-                parts["loss"] = float(loss.detach())
-                if t == 0:
-                    first = dict(parts)
-                loss.backward()
-                opt.step()
-                sched.step()
-                clamp_to_range(x.data, lo, hi)
-                if torch.isnan(x).any():
-                    ok = False
-                    break
+                return loss, parts
+
+            return loss_fn
+
+        n_batches = math.ceil(num_images / batch_size)
+        for b in range(n_batches):
+            bs = min(batch_size, num_images - b * batch_size)
+            x0 = torch.randn(input_spec.shape(bs), generator=generator).to(device)
+            y = torch.randint(num_classes, (bs,), generator=generator).to(device) if use_ce else None
+            res = optimize_pixels(x0, make_loss(y), [Stage(iterations)], optimizer=adamw, scheduler=cosine,
+                                  augment=augment, valid_range=valid_range, stop_on_nan=True)
             rec.clear()
-            if not ok:
+            if res.stopped_on_nan:
                 discarded += 1
                 if progress is not None:
                     progress(f"batch {b + 1}/{n_batches}: NaN, discarded")
                 continue
+            first, last = res.history[0], res.history[-1]
             history.append({**{f"first_{k}": v for k, v in first.items()},
-                            **{f"last_{k}": v for k, v in parts.items()}})
-            images[kept:kept + bs] = x.detach().cpu()
+                            **{f"last_{k}": v for k, v in last.items()}})
+            images[kept:kept + bs] = res.images.cpu()
             if labels is not None:
                 labels[kept:kept + bs] = y.cpu()
             kept += bs
             if progress is not None:
-                progress(f"batch {b + 1}/{n_batches} loss {first.get('loss', 0):.4f} -> {parts['loss']:.4f}")
+                progress(f"batch {b + 1}/{n_batches} loss {first['loss']:.4f} -> {last['loss']:.4f}")
     if kept == 0:
         raise RuntimeError("every generated batch turned NaN")
     return GenerationResult(images[:kept], labels[:kept] if labels is not None else None, history, discarded)

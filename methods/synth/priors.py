@@ -37,11 +37,6 @@ def total_variation_l2(x: Tensor, diag_scale: float = 1.0) -> Tensor:
                x.new_zeros(()))
 
 
-def total_variation_mean(x: Tensor, p: int = 1) -> Tensor:
-    """DeepInversion-style TV: mean |d|^p of the four differences, summed (p = 1 or 2)."""
-    return sum((d.abs().pow(p).mean() for d in _diffs(x)), x.new_zeros(()))
-
-
 def tv_target_loss(x: Tensor, target: float) -> Tensor:
     """V1's target-matching prior ``|TV(x) - v|``: pulls TV *towards* v rather than minimising it."""
     return (total_variation_l2(x) - target).abs()

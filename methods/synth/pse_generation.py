@@ -1,14 +1,14 @@
 """PSAQ-ViT-style image generation: PSE + CE to random labels + target-matching TV.
 
-Composes the building blocks (``pse``, ``priors``, ``optimize``) into the V1
-sample-generation loop; the loss weights, schedule and targets are parameters
-so PSAQ-ViT V2 can reuse the loop and add its own terms via ``extra_loss``.
+States V1's pieces of the sample-generation loop (Adam, per-stage warm-up + cosine, jitter/flip,
+the PSE loss) and runs them with :func:`methods.synth.optimize.optimize_pixels`; the loss weights,
+schedule and targets are parameters so PSAQ-ViT V2 can reuse the generator and add its own terms
+via ``extra_loss``.
 """
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -16,24 +16,22 @@ from torch import Tensor, nn
 
 from methods.quant.surgery import AttentionRecorder
 from methods.quant.target import InputSpec
-from methods.synth.optimize import OptimResult, Stage, StepInfo, optimize_pixels
-from methods.synth.priors import tv_target_loss
+from methods.synth.optimize import (
+    OptimResult,
+    Stage,
+    StagedWarmupCosine,
+    StepInfo,
+    frozen_params,
+    optimize_pixels,
+)
+from methods.synth.priors import jitter_flip, tv_target_loss
 from methods.synth.pse import pse_loss
 
 ExtraLoss = Callable[[Tensor, Tensor | None, list[Tensor], StepInfo], "tuple[Tensor, dict[str, float]]"]
 
-
-@contextlib.contextmanager
-def frozen_params(module: nn.Module) -> Iterator[None]:
-    """Temporarily stop gradients to the parameters (only the pixels are optimised)."""
-    flags = [(p, p.requires_grad) for p in module.parameters()]
-    for p, _ in flags:
-        p.requires_grad_(False)
-    try:
-        yield
-    finally:
-        for p, flag in flags:
-            p.requires_grad_(flag)
+# frozen_params lives with the loop (methods.synth.optimize); it stays importable from here, where the
+# methods have always imported it from
+__all__ = ["ExtraLoss", "frozen_params", "generate_pse_images"]
 
 
 def generate_pse_images(
@@ -81,7 +79,8 @@ def generate_pse_images(
 
     with frozen_params(hooked), AttentionRecorder(hooked, roles=("av",)) as rec:
 
-        def loss_fn(x: Tensor, info: StepInfo) -> tuple[Tensor, dict[str, float]]:
+        # V1 evaluates every term, TV included, on the jittered batch
+        def loss_fn(x: Tensor, _pixels: Tensor, info: StepInfo) -> tuple[Tensor, dict[str, float]]:
             rec.clear()
             out = forward(x)
             av = list(rec.outputs["av"])
@@ -103,10 +102,9 @@ def generate_pse_images(
             init,
             loss_fn,
             stages,
-            lr=lr,
-            generator=generator,
-            betas=betas,
-            eps=eps,
+            optimizer=lambda params: torch.optim.Adam(params, lr=lr, betas=betas, eps=eps),
+            scheduler=lambda opt: StagedWarmupCosine(opt, stages),
+            augment=lambda x, stage, _info: jitter_flip(x, stage.jitter, generator)[0],
             valid_range=input_spec.valid_range(device),
             progress=progress,
         )
