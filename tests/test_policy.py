@@ -94,19 +94,19 @@ def test_per_layer_bits_and_fp():
     assert resolved.layers == {} and [type(m) for m in fp_model.modules()] == before
 
 
-def test_calibrate_modes_and_forward_signatures():
+def test_calibrate_modes_and_forward():
     model = tiny_vit()
     apply_policy(model, mixed_policy(), parse_bits("w4a8"))
     off = model.blocks[0].tap_res1.quant
     off.disable()
     x = torch.randn(2, 3, 32, 32)
     seen = []
-    calibrate(model, [x, x + 1], forward=lambda m, b: seen.append(b.shape) or m(b))
-    assert len(seen) == 2
+    calibrate(model, [x, x + 1], forward=lambda m, b: seen.append((m, b)) or m(b))  # forward(module, batch)
+    assert len(seen) == 2 and all(m is model for m, _ in seen)
+    assert seen[0][1] is x and torch.equal(seen[1][1], x + 1)
     for q in quantizers(model):
         assert isinstance(q, FakeQuantizer) and q.initialized
         assert q.mode == ("off" if q is off else "quant")
-    calibrate(model, [x], forward=lambda b: model(b))  # one-argument callables get only the batch
     # the running range covered both batches: res1 max comes from x + 1
     q = model.blocks[1].tap_res1.quant
     calibrate(model, [x, x + 1])

@@ -8,13 +8,16 @@ from __future__ import annotations
 
 import copy
 import math
+import runpy
+from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 
+from methods.quant import qfunc
 from methods.quant.modules import QuantLinear
-from methods.quant.qfunc import OUTPUT_POOL, int_range, uniform_params
+from methods.quant.qfunc import int_range, uniform_params
 from methods.quant.quantizers import (
     FakeQuantizer,
     Log2Quantizer,
@@ -336,7 +339,7 @@ def test_uniform_params_function_matches_convention():
     assert close(s, [1 / 3.5]) and z.tolist() == [0]
 
 
-def test_pooled_outputs_are_never_overwritten_while_referenced(seed):
+def test_nograd_outputs_are_fresh_contiguous_and_match_the_ste_path(seed):
     q = calibrated(ASYM, 8, torch.randn(300, 300))
     a, b = torch.randn(300, 300), torch.randn(300, 300)
     with torch.inference_mode():
@@ -346,17 +349,35 @@ def test_pooled_outputs_are_never_overwritten_while_referenced(seed):
         view_copy = view.clone()
         for _ in range(3):
             q(torch.randn(300, 300))
-        assert torch.equal(ya, ya_copy) and torch.equal(view, view_copy)
-    assert OUTPUT_POOL.enabled
-    xt = torch.randn(2, 300, 300).transpose(1, 2)  # non-contiguous input through the pooled path
+        assert torch.equal(ya, ya_copy) and torch.equal(view, view_copy)  # later calls write elsewhere
+    xt = torch.randn(2, 300, 300).transpose(1, 2)  # a non-contiguous input
     with torch.no_grad():
-        pooled = q(xt)
-    assert torch.equal(pooled, q(xt.clone().requires_grad_()).detach())  # same as the STE path
-    with torch.no_grad():
-        for n in range(300, 700, 50):  # many sizes: the pool stays bounded
-            q(torch.randn(n, 300))
-    assert len(OUTPUT_POOL._bufs) <= OUTPUT_POOL.max_buffers
-    assert OUTPUT_POOL.pooled_bytes() <= OUTPUT_POOL.max_bytes
+        y = q(xt)
+    assert y.is_contiguous() and y.data_ptr() != xt.data_ptr()
+    assert torch.equal(y, q(xt.clone().requires_grad_()).detach())  # same values as the STE path
+    s, zp = q.scale.item(), q.zero_point.item()
+    assert torch.equal(y, (torch.round(xt * (1 / s)).clamp(-zp, 255 - zp)) * s)  # the documented formula
+
+
+def test_broken_rounding_plugin_breaks_every_uniform_arithmetic(monkeypatch):
+    x = torch.tensor([[-0.85, -0.4, 0.35, 0.7, 0.9]])  # off .5 ties; some fractions above .5 everywhere
+    specs = {
+        "reciprocal": QuantizerSpec(symmetric=True, per_channel=True),
+        "reciprocal per tensor": ASYM,
+        "divide": QuantizerSpec(symmetric=True, per_channel=True, v1_scale=True, arith="divide"),
+        "zeroq": QuantizerSpec(symmetric=True, per_channel=True, v1_scale=True, range="dynamic",
+                               arith="zeroq"),
+    }
+    good = {k: calibrated(spec, 3, x) for k, spec in specs.items()}
+    ref = {k: (q(x), q(x.clone().requires_grad_()).detach()) for k, q in good.items()}
+    monkeypatch.setattr(qfunc, "_fq_nograd", qfunc._fq_nograd)  # restores the original afterwards
+    runpy.run_path(str(Path(__file__).parent / "plugins" / "broken_rounding.py"))
+    for k, q in good.items():
+        nograd, ste = ref[k]
+        assert not torch.equal(q(x), nograd), k
+        assert not torch.equal(q(x.clone().requires_grad_()).detach(), ste), k
+    # by hand: symmetric 3 bits, s = 0.9/3: x/s = [-2.83, -1.33, 1.17, 2.33] -> toward zero [-2, -1, 1, 2]
+    assert close(good["reciprocal"](x)[:, :4], [[-0.6, -0.3, 0.3, 0.6]])
 
 
 # ---- frozen weight cache ---------------------------------------------------------------------
@@ -394,10 +415,16 @@ def test_frozen_weight_cache_tracks_weight_and_quantizer():
 def test_state_changes_invalidate_cached_constants_and_weights():
     q = calibrated(SYM, 3, X)
     q(X)
-    q.scale = torch.tensor([0.5])  # assignment renews the state stamp
+    q.scale = torch.tensor([0.5])  # a new tensor: a new state key
     assert close(q(X), [-1.0, -0.5, 0.0, 1.0])  # x/0.5 = [-2, -0.6, 0.4, 1.8], grid [-4, 3]
     q.scale.mul_(0.5)  # in-place update bumps the version
     assert close(q(X), [-1.0, -0.25, 0.25, 0.75])  # x/0.25 = [-4, -1.2, 0.8, 3.6 -> 3]
+    q.bits = 2  # assigned directly: the grid narrows to [-2, 1], the scale stays 0.25
+    assert close(q(X), [-0.5, -0.25, 0.25, 0.25])
+    q.disable()
+    assert torch.equal(q(X), X)
+    q.enable()
+    assert close(q(X), [-0.5, -0.25, 0.25, 0.25])
     ql = QuantLinear.from_float(nn.Linear(4, 2, bias=False), make_quantizer(SYM, 4))
     ql.freeze()
     x = torch.eye(4)
@@ -409,3 +436,90 @@ def test_state_changes_invalidate_cached_constants_and_weights():
         ql.w_quant.scale = ql.w_quant.scale * 4  # coarser grid -> different cached weight
         assert not torch.equal(ql(x), before)
         assert torch.equal(ql(x), ql.w_quant(ql.weight).t())
+
+
+def test_state_key_tracks_bits_mode_spec_and_tensors():
+    q = calibrated(SYM, 3, X)
+    key = q.state_key()
+    assert q.state_key() == key  # nothing changed
+    changes = {
+        "bits": lambda: setattr(q, "bits", 4),
+        "set_bits": lambda: q.set_bits(3),
+        "mode": lambda: q.set_mode("off"),
+        "spec": lambda: setattr(q, "spec", V1),
+        "new tensor": lambda: setattr(q, "scale", q.scale.clone()),
+        "in place": lambda: q.scale.add_(0.0),
+        "state dict": lambda: q.load_state_dict(q.state_dict()),
+    }
+    for what, change in changes.items():
+        change()
+        new = q.state_key()
+        assert new != key, what
+        key = new
+    assert calibrated(SYM, 3, X).state_key() != calibrated(SYM, 3, X).state_key()  # two quantizers
+
+
+def _row_linear(row: list[float], w_quant: FakeQuantizer) -> QuantLinear:
+    lin = nn.Linear(len(row), 1, bias=False)
+    with torch.no_grad():
+        lin.weight.copy_(torch.tensor([row]))
+    return QuantLinear.from_float(lin, w_quant)
+
+
+def test_frozen_weight_cache_is_invalidated_by_every_change():
+    # one output channel [-1, -0.3, 0.2, 0.9], per-channel symmetric min-max; ql(eye) = the used weight
+    w_quant = make_quantizer(QuantizerSpec(symmetric=True, per_channel=True), 3)
+    ql = _row_linear([-1.0, -0.3, 0.2, 0.9], w_quant)
+    calls = []
+    ql.w_quant.register_forward_hook(lambda *a: calls.append(1))
+    eye = torch.eye(4)
+
+    def used_weight() -> torch.Tensor:
+        with torch.no_grad():
+            return ql(eye)[:, 0]
+
+    ql.freeze()  # initialises from the weight: s = 1/3, x/s = [-3, -0.9, 0.6, 2.7]
+    assert close(used_weight(), [-1.0, -1 / 3, 1 / 3, 1.0])
+    used_weight()
+    assert len(calls) == 1  # quantized once, at freeze
+    ql.w_quant.set_bits(4)  # s = 1/7: x/s = [-7, -2.1, 1.4, 6.3]
+    assert close(used_weight(), [-1.0, -2 / 7, 1 / 7, 6 / 7])
+    ql.w_quant.bits = 3  # assigned directly: s stays 1/7, grid [-4, 3]
+    assert close(used_weight(), [-4 / 7, -2 / 7, 1 / 7, 3 / 7])
+    ql.w_quant.disable()
+    assert torch.equal(used_weight(), ql.weight[0].detach())
+    ql.w_quant.enable()
+    assert close(used_weight(), [-4 / 7, -2 / 7, 1 / 7, 3 / 7])
+    ql.w_quant.scale = torch.tensor([0.5])  # x/s = [-2, -0.6, 0.4, 1.8]
+    assert close(used_weight(), [-1.0, -0.5, 0.0, 1.0])
+    ql.w_quant.scale.mul_(0.5)  # x/s = [-4, -1.2, 0.8, 3.6 -> clamp 3]
+    assert close(used_weight(), [-1.0, -0.25, 0.25, 0.75])
+    n = len(calls)
+    used_weight()
+    assert len(calls) == n  # and cached again
+
+    opt = torch.optim.SGD([ql.weight], lr=1.0)  # weight[1]: -0.3 - 0.2 = -0.5 -> x/s = -2
+    ql.weight.grad = torch.tensor([[0.0, 0.2, 0.0, 0.0]])
+    opt.step()
+    assert close(used_weight(), [-1.0, -0.5, 0.25, 0.75])
+    ql.weight.data = torch.tensor([[0.1, 0.2, 0.3, 0.4]])  # same Parameter and version, new storage
+    assert close(used_weight(), [0.0, 0.25, 0.25, 0.5])  # x/s = [0.4, 0.8, 1.2, 1.6]
+    ql.double()
+    eye = eye.double()
+    assert used_weight().dtype == torch.float64 and close(used_weight(), [0.0, 0.25, 0.25, 0.5])
+    ql.w_quant = nn.Identity()  # another weight quantizer at the site
+    assert torch.equal(used_weight(), ql.weight[0].detach())
+
+
+def test_frozen_weight_cache_follows_an_optimiser_step_on_the_quantizer():
+    lsq = make_quantizer(QuantizerSpec(symmetric=True, range="lsq"), 3)
+    ql = _row_linear([-1.0, -0.3, 0.2, 0.9], lsq)
+    ql.weight.requires_grad_(False)
+    ql.freeze()  # min-max init: s = 1/3
+    with torch.no_grad():
+        assert close(ql(torch.eye(4))[:, 0], [-1.0, -1 / 3, 1 / 3, 1.0])
+    opt = torch.optim.SGD([lsq.scale], lr=1.0)
+    lsq.scale.grad = torch.tensor([1 / 3 - 0.5])  # step to s = 0.5: x/s = [-2, -0.6, 0.4, 1.8]
+    opt.step()
+    with torch.no_grad():
+        assert close(ql(torch.eye(4))[:, 0], [-1.0, -0.5, 0.0, 1.0])

@@ -12,7 +12,6 @@ import torch
 from methods.quant.bits import parse_bits
 from methods.quant.modules import QuantMatMul, Tap
 from methods.quant.policy import apply_policy, calibrate, set_mode, uniform_policy
-from methods.quant.qfunc import sole_owner
 from methods.quant.quantizers import QuantizerSpec
 from methods.quant.surgery import (
     AttentionRecorder,
@@ -154,16 +153,6 @@ def test_quantized_matmuls_are_still_recorded():
     assert len(rec.outputs["av"]) == 2 and all(o is not None for o in rec.outputs["av"])
     assert isinstance(model.blocks[0].attn.tap_probs, Tap)
     assert isinstance(model.blocks[0].attn, PreparedAttention)
-
-
-def test_sole_owner_guards_in_place_scaling():
-    t = torch.randn(4) * 2
-    assert sole_owner(t)
-    keep = [t]
-    assert not sole_owner(t) and keep
-    base = torch.randn(4) * 2
-    view = base[:2]
-    assert not sole_owner(base) and not sole_owner(view)
 
 
 def test_prepared_gradients_match_fp():

@@ -7,7 +7,8 @@ can be hooked and swapped. ``QuantLinear``/``QuantConv2d``/``QuantMatMul``/``Qua
 
 Frozen weights: ``freeze()`` on a QuantLinear/QuantConv2d caches the fake-quantized weight; the cache
 is used whenever no gradient to the weight is needed and is recomputed automatically when the weight
-(in-place update, new storage) or the weight quantizer (bits, mode, parameters) changes.
+(in-place update, optimiser step, new Parameter or new ``.data``, ``.to()``) or the weight quantizer
+(another quantizer, bits, mode, spec, parameters: see :class:`methods.quant.qbase.StateKey`) changes.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from methods.quant.quantizers import FakeQuantizer
+from methods.quant.quantizers import FakeQuantizer, StateKey
 
 
 def _as_child(q: nn.Module | None) -> nn.Module:
@@ -73,14 +74,30 @@ class _WeightQuantMixin:
         if isinstance(self.w_quant, FakeQuantizer):
             self.w_quant.is_weight = True
         self.frozen = False
-        self._w_cache: torch.Tensor | None = None
-        self._w_cache_key: tuple | None = None
+        self._drop_cache()
 
-    def _cache_key(self) -> tuple:
-        w = self.weight
+    def _drop_cache(self) -> None:
+        self._w_cache: torch.Tensor | None = None
+        # What the cache was computed from: the weight (a detached alias: it shares the storage, and
+        # holding it keeps that storage's address from being reused), the weight's version counter then,
+        # and the weight quantizer's state key.
+        self._w_src: torch.Tensor | None = None
+        self._w_src_version = -1
+        self._w_qkey: StateKey | None = None
+
+    def _quantizer_key(self) -> StateKey | None:
         wq = self.w_quant
-        qkey = wq.state_key() if isinstance(wq, FakeQuantizer) else ()
-        return (w.data_ptr(), w._version, w.device, w.dtype, qkey)
+        return wq.state_key() if isinstance(wq, FakeQuantizer) else None
+
+    def _cache_is_current(self) -> bool:
+        w, src = self.weight, self._w_src
+        if self._w_cache is None or src is None:
+            return False
+        same_values = (  # same storage, read the same way, not updated in place since
+            w.data_ptr() == src.data_ptr() and w.device == src.device and w.dtype == src.dtype
+            and w.shape == src.shape and w.stride() == src.stride() and w._version == self._w_src_version
+        )
+        return same_values and self._quantizer_key() == self._w_qkey
 
     def quant_weight(self) -> torch.Tensor:
         """The (fake-)quantized weight used by forward."""
@@ -92,24 +109,25 @@ class _WeightQuantMixin:
         return self._cached_weight()
 
     def _cached_weight(self) -> torch.Tensor:
-        if self._w_cache is None or self._cache_key() != self._w_cache_key:
+        if not self._cache_is_current():
             with torch.no_grad():
                 self._w_cache = self.w_quant(self.weight).detach()
-            self._w_cache_key = self._cache_key()  # a lazy init inside w_quant changes its state
+            self._w_src = self.weight.detach()
+            self._w_src_version = self.weight._version
+            self._w_qkey = self._quantizer_key()  # after the call: a lazy init inside w_quant changes it
         return self._w_cache
 
     def freeze(self) -> None:
         """Quantize the weight once and reuse it (when no weight gradient is needed)."""
         self.frozen = True
-        self._w_cache = None
+        self._drop_cache()
         wq = self.w_quant
         if not (isinstance(wq, FakeQuantizer) and wq.mode == "calibrate"):
             self._cached_weight()
 
     def unfreeze(self) -> None:
         self.frozen = False
-        self._w_cache = None
-        self._w_cache_key = None
+        self._drop_cache()
 
 
 class QuantLinear(_WeightQuantMixin, nn.Linear):

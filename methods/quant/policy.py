@@ -9,7 +9,6 @@ Paths are relative to the module passed to :func:`apply_policy` and matched with
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
@@ -198,25 +197,16 @@ def set_mode(module: nn.Module, mode: str) -> None:
         q.set_mode(mode)
 
 
-def _call(forward: Callable, module: nn.Module, batch: Any) -> Any:
-    # forward(module, batch) like QuantTarget.logits; a one-argument callable gets only the batch.
-    try:
-        nparams = len(inspect.signature(forward).parameters)
-    except (TypeError, ValueError):
-        nparams = 2
-    return forward(batch) if nparams == 1 else forward(module, batch)
-
-
 @torch.no_grad()
 def calibrate(
     module: nn.Module,
     batches: Iterable[torch.Tensor],
-    forward: Callable | None = None,
+    forward: Callable[[nn.Module, Any], Any] | None = None,
     weights_quantized: bool = False,
 ) -> None:
     """Calibrate every quantizer (with bits) below ``module`` from one pass over ``batches``.
 
-    ``forward(module, batch)`` (or ``forward(batch)``) runs the model, default ``module(batch)``.
+    ``forward(module, batch)`` runs the model (like ``QuantTarget.logits``), default ``module(batch)``.
     Calibration mode is identity, so by default the pass is full precision (PSAQ-ViT V1);
     ``weights_quantized=True`` initialises weight quantizers first and keeps them quantizing, so
     activation ranges see quantized weights. Quantizers that were "off" stay off (but calibrated).
@@ -228,11 +218,9 @@ def calibrate(
             q.mode = "quant"  # lazy init from the weight on first use
         else:
             q.start_calibration()
+    run = forward if forward is not None else lambda m, b: m(b)
     for batch in batches:
-        if forward is None:
-            module(batch)
-        else:
-            _call(forward, module, batch)
+        run(module, batch)
     for q in qs:
         if q.mode == "calibrate":
             q.finish_calibration()

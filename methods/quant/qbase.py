@@ -1,6 +1,6 @@
 """Quantizer base: the pure-data :class:`QuantizerSpec` and :class:`FakeQuantizer` (modes, calibration
-statistics, bit changes, state stamps). The concrete quantizers are in :mod:`methods.quant.quantizers`,
-which re-exports everything here; import from there.
+statistics, bit changes, state keys for caches). The concrete quantizers are in
+:mod:`methods.quant.quantizers`, which re-exports everything here; import from there.
 """
 
 from __future__ import annotations
@@ -23,8 +23,39 @@ KINDS = ("uniform", "log2", "log_sqrt2")
 RANGES = ("minmax", "percentile", "mse", "lsq", "dynamic")
 MODES = ("off", "calibrate", "quant")
 LSQ_INITS = ("minmax", "lsq")
-_GENERATION = itertools.count(1)  # process-wide unique stamps for quantizer states
-_STATE_ATTRS = frozenset({"scale", "zero_point", "bits", "mode", "spec"})
+# Revisions are drawn from one process-wide counter, so two quantizers never share one (a cache keyed on
+# the quantizer at a site notices when the quantizer itself is swapped, e.g. by replace_quantizers).
+_REVISIONS = itertools.count(1)
+
+
+class StateKey:
+    """What a quantizer's output depends on, as seen at one moment; caches of that output compare keys.
+
+    Two keys are equal when the quantizer had the same revision (renewed by :meth:`FakeQuantizer.touch`:
+    bits, mode, spec or parameters set) and held the same tensor objects in its buffers and parameters,
+    each at the same version counter. So assigning a new tensor (``q.scale = t``) and updating one in
+    place (``q.scale.mul_(2)``, an optimiser step) both change the key. The key holds the tensors
+    themselves, so they are compared by identity and no id can be reused while a cache keeps the key.
+    """
+
+    __slots__ = ("revision", "tensors", "versions")
+
+    def __init__(self, revision: int, tensors: tuple[torch.Tensor, ...]) -> None:
+        self.revision = revision
+        self.tensors = tensors
+        self.versions = tuple(t._version for t in tensors)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, StateKey):
+            return NotImplemented
+        return (
+            self.revision == other.revision
+            and self.versions == other.versions
+            and len(self.tensors) == len(other.tensors)
+            and all(a is b for a, b in zip(self.tensors, other.tensors, strict=True))
+        )
+
+    __hash__ = None  # mutable tensors inside: not a dict key
 
 
 @dataclass(frozen=True)
@@ -101,6 +132,7 @@ class FakeQuantizer(nn.Module):
         super().__init__()
         if bits is not None and bits < 2:
             raise ValueError(f"bits must be >= 2 or None, got {bits}")
+        self._revision = next(_REVISIONS)
         self.spec = spec
         self.bits = bits
         self.mode = "quant"
@@ -108,6 +140,47 @@ class FakeQuantizer(nn.Module):
         self._reset_stats()
 
     # ---- state ---------------------------------------------------------------------------------
+    # bits, mode and spec are properties so that setting one, from anywhere, renews the revision that
+    # caches of this quantizer's output check (see state_key); the tensors are tracked by StateKey.
+    @property
+    def bits(self) -> int | None:
+        return self._bits
+
+    @bits.setter
+    def bits(self, bits: int | None) -> None:
+        self._bits = bits
+        self.touch()
+
+    @property
+    def mode(self) -> str:
+        return self._mode
+
+    @mode.setter
+    def mode(self, mode: str) -> None:
+        self._mode = mode
+        self.touch()
+
+    @property
+    def spec(self) -> QuantizerSpec:
+        return self._spec
+
+    @spec.setter
+    def spec(self, spec: QuantizerSpec) -> None:
+        self._spec = spec
+        self.touch()
+
+    def touch(self) -> None:
+        """Record a state change that the tensors' version counters do not show: called by the setters
+        above and by every method that replaces parameters in a way a :class:`StateKey` cannot see
+        (``Parameter.data`` assignment, loading a state dict)."""
+        self._revision = next(_REVISIONS)
+
+    def state_key(self) -> StateKey:
+        """The current state, to compare with a key saved next to a cached output (equal keys: the
+        output for a fixed input is the same)."""
+        tensors = [*self._buffers.values(), *self._parameters.values()]
+        return StateKey(self._revision, tuple(t for t in tensors if t is not None))
+
     @property
     def axis(self) -> int | None:
         return self.spec.ch_axis if self.spec.per_channel else None
@@ -129,22 +202,6 @@ class FakeQuantizer(nn.Module):
     @property
     def has_stats(self) -> bool:
         return self._last is not None or self._lo is not None
-
-    def __setattr__(self, name, value) -> None:
-        if name in _STATE_ATTRS:
-            object.__setattr__(self, "_generation", next(_GENERATION))
-        super().__setattr__(name, value)
-
-    def touch(self) -> None:
-        """Mark the state as changed (done automatically on assignment and in-place tensor updates)."""
-        object.__setattr__(self, "_generation", next(_GENERATION))
-
-    def state_key(self) -> tuple:
-        """Changes whenever the output for a fixed input may change (used by frozen weight caches):
-        a unique stamp renewed on every assignment of scale/zero_point/bits/mode/spec, plus the
-        version counters of the current tensors (in-place updates, optimiser steps)."""
-        tensors = list(self._buffers.values()) + list(self._parameters.values())
-        return (self._generation, tuple(t._version for t in tensors if t is not None))
 
     # ---- public API ----------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -22,78 +22,11 @@ Conventions (all uniform quantizers; ``b`` = bits):
 
 from __future__ import annotations
 
-import sys
-import threading
+from collections.abc import Callable
 
 import torch
 
 EPS = torch.finfo(torch.float32).eps
-
-
-def _storage_use_count(t: torch.Tensor) -> int | None:
-    try:
-        # +1 for the temporary storage object created here
-        return torch._C._storage_Use_Count(t.untyped_storage()._cdata) - 1
-    except AttributeError:  # private API gone: disable reuse rather than guess
-        return None
-
-
-def sole_owner(t: torch.Tensor) -> bool:
-    """True when the caller's local variable is the only reference to t (CPython refcount: the caller's
-    name, this parameter, getrefcount's argument) and t is the only tensor on its storage (no views or
-    saved copies), so an in-place update cannot be observed elsewhere. False when unsure."""
-    return sys.getrefcount(t) == 3 and t._base is None and _storage_use_count(t) == 1
-
-
-class OutputPool:
-    """Recycles CPU output buffers of the no-grad fake-quant path.
-
-    Why: a fresh multi-MB CPU allocation is returned to the OS on free and page-faults on every
-    reuse; on a DeiT-S forward this alone made fake quantization cost more than the four arithmetic
-    passes. A buffer is handed out again only when nothing but the pool references its storage (the
-    consumer's tensors and all their views are gone), so a retained output is never overwritten.
-    CUDA tensors are not pooled (the caching allocator already does this). At most ``max_buffers``
-    buffers and ``max_bytes`` in total are retained (larger tensors are not pooled: with big eval
-    batches the arithmetic dwarfs the page faults anyway). ``enabled = False`` turns it off.
-    """
-
-    def __init__(self, max_buffers: int = 4, max_bytes: int = 256 * 2**20) -> None:
-        self.enabled = True
-        self.max_buffers = max_buffers
-        self.max_bytes = max_bytes
-        self._bufs: list[torch.Tensor] = []
-        self._lock = threading.Lock()
-
-    def empty_like(self, x: torch.Tensor) -> torch.Tensor:
-        """An uninitialised contiguous tensor with x's shape and dtype."""
-        n = x.numel()
-        nbytes = n * x.element_size()
-        if not self.enabled or x.device.type != "cpu" or n < 65536 or 2 * nbytes > self.max_bytes:
-            return torch.empty(x.shape, dtype=x.dtype, device=x.device)
-        with self._lock:
-            for i, b in enumerate(self._bufs):
-                if b.numel() >= n and b.dtype == x.dtype and _storage_use_count(b) == 1:
-                    self._bufs.append(self._bufs.pop(i))  # most recently used last
-                    return b[:n].view(x.shape)
-            with torch.inference_mode(False):  # a normal tensor is writable in and out of inference mode
-                b = torch.empty(n, dtype=x.dtype)
-            if _storage_use_count(b) is None:
-                self.enabled = False
-            self._bufs.append(b)
-            # forget the least recently used (views still in use keep their memory alive)
-            while len(self._bufs) > self.max_buffers or self.pooled_bytes() > self.max_bytes:
-                self._bufs.pop(0)
-            return b[:n].view(x.shape)
-
-    def pooled_bytes(self) -> int:
-        return sum(b.numel() * b.element_size() for b in self._bufs)
-
-    def clear(self) -> None:
-        with self._lock:
-            self._bufs = []
-
-
-OUTPUT_POOL = OutputPool()
 
 
 def int_range(bits: int, symmetric: bool) -> tuple[int, int]:
@@ -137,30 +70,46 @@ def bshape(ndim: int, axis: int | None, n: int) -> list[int]:
     return shape
 
 
-class _UniformSTE(torch.autograd.Function):
-    """Fake quantization with the masked straight-through gradient (recomputes the mask in backward)."""
+# Every uniform fake quantization below is ``dequant(clamp(round(to_grid(x)), lo, hi))``. ``to_grid`` maps x
+# onto the integer grid (still real-valued) and returns a new tensor, which rounding, clamping and ``dequant``
+# then update in place: one output allocation per call. The arithmetics of ARITHMETIC differ only in
+# ``to_grid``, ``dequant`` and the bounds.
+ToGrid = Callable[[torch.Tensor], torch.Tensor]
+Bound = float | torch.Tensor  # a per-tensor constant, or a tensor broadcasting against x (per channel)
+
+
+def _fq_nograd(x: torch.Tensor, to_grid: ToGrid, lo: Bound, hi: Bound, dequant: ToGrid) -> torch.Tensor:
+    """Fake quantization without autograd (4 passes over memory for the reciprocal arithmetic; ATen's
+    fused fake-quant kernel is ~10x slower on CPU)."""
+    return dequant(to_grid(x).round_().clamp_(lo, hi))
+
+
+class _MaskedSTE(torch.autograd.Function):
+    """:func:`_fq_nograd` forward; backward passes the gradient where ``lo <= round(to_grid(x)) <= hi``
+    and gives exactly 0 elsewhere. Only x is saved: the mask is recomputed in backward."""
 
     @staticmethod
-    def forward(ctx, x, inv, scale, lo, hi):
+    def forward(ctx, x, to_grid, lo, hi, dequant):
         ctx.save_for_backward(x)
-        ctx.consts = (inv, lo, hi)  # floats or small per-channel tensors without grad
-        return _fq_nograd(x, inv, scale, lo, hi)
+        ctx.to_grid, ctx.lo, ctx.hi = to_grid, lo, hi  # a function, floats or small tensors without grad
+        return _fq_nograd(x, to_grid, lo, hi, dequant)
 
     @staticmethod
     def backward(ctx, grad):
-        x = ctx.saved_tensors[0]
-        inv, lo, hi = ctx.consts
-        r = torch.round(x * inv)
-        mask = (r >= lo) & (r <= hi)
-        return grad * mask, None, None, None, None
+        (x,) = ctx.saved_tensors
+        r = ctx.to_grid(x).round_()
+        return grad * ((r >= ctx.lo) & (r <= ctx.hi)), None, None, None, None
 
 
-def _fq_nograd(x, inv, scale, lo, hi, pooled: bool = False):
-    # One output buffer, then in place: 4 passes over memory (the fused ATen kernel is ~10x slower on CPU).
-    y = torch.mul(x, inv, out=OUTPUT_POOL.empty_like(x)) if pooled else x * inv
-    y.round_()
-    y.clamp_(lo, hi)
-    return y.mul_(scale)
+def _needs_grad(x: torch.Tensor) -> bool:
+    return torch.is_grad_enabled() and x.requires_grad
+
+
+def _fake_quant(x: torch.Tensor, to_grid: ToGrid, lo: Bound, hi: Bound, dequant: ToGrid) -> torch.Tensor:
+    """With the masked STE when x needs a gradient, else plain."""
+    if _needs_grad(x):
+        return _MaskedSTE.apply(x, to_grid, lo, hi, dequant)
+    return _fq_nograd(x, to_grid, lo, hi, dequant)
 
 
 def fake_quant(
@@ -175,7 +124,9 @@ def fake_quant(
     return fake_quant_affine(x, *affine_consts(x, scale, zero_point, qmin, qmax, axis))
 
 
-def affine_consts(x, scale, zero_point, qmin, qmax, axis):
+def affine_consts(
+    x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int, qmax: int, axis: int | None
+) -> tuple[Bound, Bound, Bound, Bound]:
     """(1/scale, scale, qmin-zp, qmax-zp): Python floats per tensor, broadcastable tensors per channel."""
     if axis is None:
         s = float(scale)
@@ -189,35 +140,28 @@ def affine_consts(x, scale, zero_point, qmin, qmax, axis):
     return inv, s, lo, hi
 
 
-def fake_quant_affine(x: torch.Tensor, inv, s, lo, hi) -> torch.Tensor:
+def fake_quant_affine(x: torch.Tensor, inv: Bound, s: Bound, lo: Bound, hi: Bound) -> torch.Tensor:
     """``clamp(round(x·inv), lo, hi)·s`` with the masked STE when x needs a gradient."""
-    if torch.is_grad_enabled() and x.requires_grad:
-        return _UniformSTE.apply(x, inv, s, lo, hi)
-    return _fq_nograd(x, inv, s, lo, hi, pooled=True)
+
+    def dequant(q: torch.Tensor) -> torch.Tensor:
+        return q.mul_(s)
+
+    if _needs_grad(x):
+        return _MaskedSTE.apply(x, lambda v: v * inv, lo, hi, dequant)
+
+    def to_grid(v: torch.Tensor) -> torch.Tensor:
+        # Without autograd the output is a fresh contiguous tensor whatever view x is (e.g. the transposed
+        # k of q @ kᵀ), so the next matmul reads a dense operand. Kept on purpose: an operand's layout can
+        # change the low bits of a matmul, and the golden results were made with this one.
+        return torch.mul(v, inv, out=torch.empty(v.shape, dtype=v.dtype, device=v.device))
+
+    return _fq_nograd(x, to_grid, lo, hi, dequant)
 
 
 # How x reaches the integer grid. The three agree in exact arithmetic; in float32 they differ where
 # x/scale lands on a .5 tie (a symmetric channel's extreme value does: it maps to 2^(b-1) - 0.5), so a
 # mode that claims to follow released code must use that code's arithmetic.
 ARITHMETIC = ("reciprocal", "divide", "zeroq")
-
-
-class _GridSTE(torch.autograd.Function):
-    """``fn(x)`` forward; backward passes the gradient where ``qmin <= grid(x) <= qmax``."""
-
-    @staticmethod
-    def forward(ctx, x, fn, grid, qmin, qmax):
-        ctx.save_for_backward(x)
-        ctx.consts = (grid, qmin, qmax)
-        with torch.no_grad():
-            return fn(x)
-
-    @staticmethod
-    def backward(ctx, grad):
-        x = ctx.saved_tensors[0]
-        grid, qmin, qmax = ctx.consts
-        r = grid(x)
-        return grad * ((r >= qmin) & (r <= qmax)), None, None, None, None
 
 
 def _broadcast(x: torch.Tensor, t: torch.Tensor, axis: int | None) -> torch.Tensor:
@@ -233,19 +177,20 @@ def fake_quant_divide(
     """PSAQ-ViT V1's arithmetic (quant_utils.py, SymmetricQuantFunction / AsymmetricQuantFunction):
     ``(clamp(round(x / s + zp), qmin, qmax) - zp) · s``, with the masked STE."""
     s, zp = _broadcast(x, scale, axis), _broadcast(x, zero_point, axis)
-    has_zp = bool(zero_point.any())
+    if bool(zero_point.any()):
+        def to_grid(v: torch.Tensor) -> torch.Tensor:
+            return v / s + zp
 
-    def grid(v: torch.Tensor) -> torch.Tensor:
-        y = v / s
-        return (y + zp if has_zp else y).round_()
+        def dequant(q: torch.Tensor) -> torch.Tensor:
+            return q.sub_(zp).mul_(s)
+    else:  # zero-point 0 (e.g. symmetric): skip the two passes that add and subtract it
+        def to_grid(v: torch.Tensor) -> torch.Tensor:
+            return v / s
 
-    def fn(v: torch.Tensor) -> torch.Tensor:
-        q = grid(v).clamp_(qmin, qmax)
-        return (q.sub_(zp) if has_zp else q).mul_(s)
+        def dequant(q: torch.Tensor) -> torch.Tensor:
+            return q.mul_(s)
 
-    if torch.is_grad_enabled() and x.requires_grad:
-        return _GridSTE.apply(x, fn, grid, qmin, qmax)
-    return fn(x)
+    return _fake_quant(x, to_grid, qmin, qmax, dequant)
 
 
 ZEROQ_RANGE_EPS = 1e-8  # ZeroQ clamps the symmetric range 2·max|x| at 1e-8 (not the scale at float eps)
@@ -262,15 +207,13 @@ def fake_quant_zeroq(
     m = torch.maximum(-lo.float(), hi.float())
     k = _broadcast(x, (2**bits - 1) / torch.clamp(2 * m, min=ZEROQ_RANGE_EPS), axis)
 
-    def grid(v: torch.Tensor) -> torch.Tensor:
-        return torch.round(k * v)
+    def to_grid(v: torch.Tensor) -> torch.Tensor:
+        return k * v
 
-    def fn(v: torch.Tensor) -> torch.Tensor:
-        return grid(v).clamp_(qmin, qmax).div_(k)
+    def dequant(q: torch.Tensor) -> torch.Tensor:
+        return q.div_(k)
 
-    if torch.is_grad_enabled() and x.requires_grad:
-        return _GridSTE.apply(x, fn, grid, qmin, qmax)
-    return fn(x)
+    return _fake_quant(x, to_grid, qmin, qmax, dequant)
 
 
 def channels_first(x: torch.Tensor, axis: int) -> torch.Tensor:

@@ -30,6 +30,7 @@ from methods.quant.qbase import (  # noqa: F401 - re-exported: the public home o
     RANGES,
     FakeQuantizer,
     QuantizerSpec,
+    StateKey,
 )
 from methods.quant.qfunc import (
     EPS,
@@ -47,7 +48,7 @@ from methods.quant.qfunc import (
 
 __all__ = [
     "KINDS", "LSQ_INITS", "MODES", "RANGES", "FakeQuantizer", "LSQQuantizer", "Log2Quantizer",
-    "QuantizerSpec", "UniformQuantizer", "make_quantizer",
+    "QuantizerSpec", "StateKey", "UniformQuantizer", "make_quantizer",
 ]
 
 
@@ -59,7 +60,7 @@ class UniformQuantizer(FakeQuantizer):
         super().__init__(spec, bits)
         self.register_buffer("scale", torch.empty(0))
         self.register_buffer("zero_point", torch.empty(0, dtype=torch.int32))
-        self._consts_key: tuple | None = None
+        self._consts_key: StateKey | None = None  # the state _consts were computed from
         self._consts: tuple = ()
 
     @property
@@ -82,7 +83,7 @@ class UniformQuantizer(FakeQuantizer):
             return fake_quant_divide(x, self.scale, self.zero_point, qmin, qmax, self.axis)
         if self.axis is not None:
             return fake_quant(x, self.scale, self.zero_point, qmin, qmax, self.axis)
-        # per tensor: cache the Python-float constants (saves a tensor->float sync per call)
+        # per tensor: cache the Python-float constants (saves a tensor->float device sync per call)
         key = self.state_key()
         if self._consts_key != key:
             self._consts = affine_consts(x, self.scale, self.zero_point, qmin, qmax, None)
@@ -247,7 +248,8 @@ class LSQQuantizer(FakeQuantizer):
         self._set(s, z.float())
 
     def _set(self, s: torch.Tensor, z: torch.Tensor) -> None:
-        # Replace .data so optimisers holding these Parameters keep working.
+        # Replace .data so optimisers holding these Parameters keep working; a .data assignment keeps the
+        # Parameter objects and their version counters, so record the change for caches explicitly.
         self.scale.data = s.to(self.scale.device)
         self.zero_point.data = z.to(self.zero_point.device)
         self.touch()

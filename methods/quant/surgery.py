@@ -29,7 +29,6 @@ from timm.models.vision_transformer import Block, VisionTransformer
 from torch import nn
 
 from methods.quant.modules import MatMul, Tap
-from methods.quant.qfunc import sole_owner
 
 __all__ = ["prepare", "AttentionRecorder", "attention_modules"]
 
@@ -45,10 +44,8 @@ class PreparedAttention(Attention):
         qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)
         q, k = self.q_norm(q), self.k_norm(k)
-        attn = self.matmul1(q, k.transpose(-2, -1))
-        # scale in place when nothing else holds the raw product (e.g. a recorder): saves a large
-        # allocation per block; the result is the same either way
-        attn = attn.mul_(self.scale) if sole_owner(attn) else attn * self.scale
+        # not in place: the raw product is matmul1's output, which hooks (e.g. a recorder) may hold
+        attn = self.matmul1(q, k.transpose(-2, -1)) * self.scale
         attn = self.tap_scores(attn)
         attn = maybe_add_mask(attn, resolve_self_attn_mask(N, attn, attn_mask, is_causal))
         attn = self.tap_probs(attn.softmax(dim=-1))
