@@ -35,7 +35,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from methods.data import SOURCES, obtain
+from methods.data import GALLERY_IMAGES, SOURCES, obtain
 from methods.quant.bits import BitSpec
 from methods.quant.policy import Policy, apply_policy, calibrate, freeze
 from methods.quant.registry import Registry
@@ -75,11 +75,12 @@ class RunContext:
         self.image_hashes[label] = tensor_sha256(images)
 
     def save_gallery(self, label: str, target: QuantTarget, images: Tensor) -> None:
-        """A PNG grid of (at most 64 of) ``images`` under the job's artifacts dir."""
+        """A PNG grid of (at most GALLERY_IMAGES of) ``images`` under the job's artifacts dir."""
         if not self.galleries:
             return
         path = Path(self.artifacts_dir) / f"{label}.png"
-        self.galleries_written[label] = str(save_image_grid(target.input_spec.denormalize(images[:64]), path))
+        grid = save_image_grid(target.input_spec.denormalize(images[:GALLERY_IMAGES]), path)
+        self.galleries_written[label] = str(grid)
 
     def generator(self, offset: int = 0) -> torch.Generator:
         """A CPU generator seeded from the job seed (offset separates independent streams)."""
@@ -272,10 +273,6 @@ def register_method(
         return cls
 
     return deco
-
-
-def available_methods() -> list[str]:
-    return METHODS.names()
 
 
 def get_method(name: str) -> type[QuantMethod]:

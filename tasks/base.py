@@ -143,11 +143,6 @@ TASKS: Registry[type[Task]] = Registry(
 register_task = TASKS.register
 
 
-# These read the module-level TASKS at call time, so tests can swap in a registry of fakes.
-def available_tasks() -> list[str]:
-    return TASKS.names()
-
-
 def get_task(name: str, data_root: str | Path | None = None, **options: str) -> Task:
     """An instance of the task ``name``; an unknown name raises ``UnknownName`` (with a did-you-mean)."""
     return TASKS.get(name)(data_root=data_root, **options)

@@ -87,7 +87,3 @@ def parse_bits(text: str) -> BitSpec:
         f"unknown bit spec {text!r}; valid: {', '.join(NAMED_SPECS)}, or wXaY with X,Y in "
         f"{list(BIT_CANDIDATES)}"
     )
-
-
-def parse_bits_list(text: str) -> list[BitSpec]:
-    return [parse_bits(t) for t in text.split(",") if t.strip()]
