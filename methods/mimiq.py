@@ -30,6 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from methods.base import Built, QuantMethod, RunContext, quant_module, register_method
+from methods.baselines import infer_classes
 from methods.data import DataSource, register_source
 from methods.losses import head_structural_distill_loss
 from methods.quant.bits import BitSpec
@@ -141,15 +142,11 @@ class InterHeadImages(DataSource):
             ctx.note("mimiq: task has no class logits; generation drops the CE term (L_IH + TV only)")
         spec = target.input_spec
         hooked = target.quant_module
-        device = next(hooked.parameters()).device
         num_classes = None
         if target.logits is not None:
             logits_fn = target.logits
             forward = lambda x: logits_fn(target.model, x)  # noqa: E731
-            num_classes = target.num_classes
-            if num_classes is None:
-                with torch.no_grad():
-                    num_classes = int(forward(torch.zeros(spec.shape(1), device=device)).shape[-1])
+            num_classes = target.num_classes or infer_classes(forward, target)
         elif target.features is not None:
             features_fn = target.features
             forward = lambda x: features_fn(target.model, x)  # noqa: E731
