@@ -86,7 +86,8 @@ def _fq_nograd(x: torch.Tensor, to_grid: ToGrid, lo: Bound, hi: Bound, dequant: 
 
 class _MaskedSTE(torch.autograd.Function):
     """:func:`_fq_nograd` forward; backward passes the gradient where ``lo <= round(to_grid(x)) <= hi``
-    and gives exactly 0 elsewhere. Only x is saved: the mask is recomputed in backward."""
+    and gives exactly 0 elsewhere. Only x is saved and the mask is recomputed in backward, so no
+    x-sized mask per quantizer stays alive until backward."""
 
     @staticmethod
     def forward(ctx, x, to_grid, lo, hi, dequant):
