@@ -7,6 +7,7 @@ import io
 import math
 
 import pytest
+from test_record import make_record
 
 from bench.store import ResultStore, records_frame
 from bench.tables import MINI_NOTE, build_table, format_cell, render, write_tables
@@ -15,20 +16,12 @@ FP = {"m1": 80.0, "m2": 70.0}
 
 
 def rec(method, model, bits, seed, top1, profile="ci", dataset="mini", created="2025-01-02T00:00:00+00:00"):
-    return {
-        "key": f"{method}-{model}-{bits}-{seed}-{profile}-{dataset}-{created}",
-        "task": "cls",
-        "dataset": dataset,
-        "method": method,
-        "model": model,
-        "weights": "default",
-        "bits": bits,
-        "seed": seed,
-        "profile": profile,
-        "metrics": {"top1": top1, "top5": top1 + 15.0},
-        "fp_metrics": {"top1": FP[model], "top5": FP[model] + 15.0},
-        "created": created,
-    }
+    return make_record(
+        key=f"{method}-{model}-{bits}-{seed}-{profile}-{dataset}-{created}", task="cls", dataset=dataset,
+        method=method, model=model, weights="default", bits=bits, seed=seed, profile=profile,
+        metrics={"top1": top1, "top5": top1 + 15.0}, fp_metrics={"top1": FP[model], "top5": FP[model] + 15.0},
+        created=created,
+    )
 
 
 RECORDS = [
