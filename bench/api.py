@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from bench.grid import FP_METHOD, Job, coerce_method_args, expand, parse_method_args
+from bench.grid import FP_METHOD, Job, coerce_method_args, expand, parse_method_arg_sets
 from bench.progress import Reporter
 from bench.runner import RunSummary, run_jobs
 from bench.store import ResultStore
@@ -58,7 +58,8 @@ class Plan:
     device: torch.device
     weights: str | None = None
     options: dict[str, dict[str, str]] = field(default_factory=dict)  # task -> non-default options
-    method_args: dict[str, Any] = field(default_factory=dict)  # config fields for every quant method
+    # config fields for every quant method: one set, or several (a sweep: one table row per set)
+    method_args: list[dict[str, Any]] = field(default_factory=lambda: [{}])
 
     def jobs(self) -> list[Job]:
         return expand(self.models_by_task, self.methods, self.bits, self.seeds, self.dataset, self.profile,
@@ -117,12 +118,13 @@ def make_plan(
     weights: str | None = None,
     data_root: str | Path | None = None,
     quant_scope: str | None = None,
-    method_args: str | Mapping[str, Any] | None = None,
+    method_args: str | Mapping[str, Any] | Sequence[Mapping[str, Any]] | None = None,
 ) -> Plan:
     """Validate every name and value; raises :class:`UsageError` before anything is written.
 
     ``methods="all"`` selects every registered method; ``seeds=None`` the dataset's default
-    (``DEFAULT_SEEDS``); ``method_args`` is ``"k=v,..."`` or a mapping of config fields.
+    (``DEFAULT_SEEDS``); ``method_args`` is ``"k=v,...;k=v,..."`` (``;`` separates the sets of a sweep),
+    a mapping of config fields, or a list of mappings.
     """
     all_methods = registry_names("methods", METHODS)
     method_names = all_methods if methods == "all" or _names(methods) == ["all"] else _names(methods)
@@ -179,21 +181,27 @@ def _models(tasks: Mapping[str, Task], dataset: str, wanted: list[str]) -> dict[
     return {t: ms for t, ms in by_task.items() if ms}
 
 
-def _method_args(value: str | Mapping[str, Any] | None, methods: list[str]) -> dict[str, Any]:
-    """Parsed method args; every selected quantization method must have each field."""
+def _method_args(value: str | Mapping[str, Any] | Sequence[Mapping[str, Any]] | None,
+                 methods: list[str]) -> list[dict[str, Any]]:
+    """Parsed method-arg sets; every selected quantization method must have each field."""
     try:
-        margs = parse_method_args(value) if value is None or isinstance(value, str) else dict(value)
+        if value is None or isinstance(value, str):
+            sets = parse_method_arg_sets(value)
+        else:
+            sets = [dict(value)] if isinstance(value, Mapping) else [dict(v) for v in value] or [{}]
         for method in methods:
             if method != FP_METHOD:
-                coerce_method_args(method, margs)
+                for margs in sets:
+                    coerce_method_args(method, margs)
     except ValueError as e:
         raise UsageError(f"{e} (--method-args)") from e
-    if margs and methods == [FP_METHOD]:
+    if any(sets) and methods == [FP_METHOD]:
         raise UsageError("--method-args sets quantization-method fields; select a method besides fp")
-    source = margs.get("data_source")
-    if source is not None:
-        _check_names("data source", [str(source)], registry_names("data sources", SOURCES))
-    return margs
+    for margs in sets:
+        source = margs.get("data_source")
+        if source is not None:
+            _check_names("data source", [str(source)], registry_names("data sources", SOURCES))
+    return sets
 
 
 def _task_options(task_names: list[str], quant_scope: str | None) -> dict[str, dict[str, str]]:

@@ -314,7 +314,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--method-args", default=None, metavar="K=V,...",
         help="set config fields of the selected methods on top of the profile, e.g. "
-        "'rounds=24,adv_weight=10' (recorded; the rows get their own table label)",
+        "'rounds=24,adv_weight=10' (recorded; the rows get their own table label); ';' separates the "
+        "sets of a sweep, one row each: 'lr=1e-3;lr=1e-4;' (an empty set is the profile's own row)",
     )
     p.set_defaults(func=cmd_run)
 

@@ -90,13 +90,13 @@ def options_suffix(options: Mapping[str, Any] | None) -> str:
     return "?" + "&".join(f"{k}={v}" for k, v in sorted(options.items()))
 
 
-def split_top_level(text: str) -> list[str]:
-    """Split on commas that are not inside brackets."""
+def split_top_level(text: str, sep: str = ",") -> list[str]:
+    """Split on ``sep`` where it is not inside brackets."""
     items, depth, start = [], 0, 0
     for i, ch in enumerate(text):
         depth += ch in "([{"
         depth -= ch in ")]}"
-        if ch == "," and depth == 0:
+        if ch == sep and depth == 0:
             items.append(text[start:i])
             start = i + 1
     return [*items, text[start:]]
@@ -113,6 +113,19 @@ def parse_value(text: str) -> Any:
         inner = text[1:-1].strip()
         return tuple(parse_value(v) for v in split_top_level(inner) if v.strip()) if inner else ()
     return text
+
+
+def parse_method_arg_sets(text: str | None) -> list[dict[str, Any]]:
+    """``lr=1e-3;lr=1e-4,epochs=5;`` -> one dict per ``;``-separated set (a sweep: one table row per
+    set; an empty set is the profile's own setting). Without ``;`` a single set."""
+    if not text or not text.strip():
+        return [{}]
+    sets = [parse_method_args(part) for part in split_top_level(text, ";")]
+    seen = [jsonable(s) for s in sets]
+    for i, s in enumerate(seen):
+        if s in seen[:i]:
+            raise ValueError(f"--method-args: set {i + 1} repeats an earlier set ({text!r})")
+    return sets
 
 
 def parse_method_args(text: str | None) -> dict[str, Any]:
@@ -185,18 +198,23 @@ def expand(
     weights: str | None = None,
     tasks: Mapping[str, Any] | None = None,
     options: Mapping[str, Mapping[str, Any]] | None = None,
-    method_args: Mapping[str, Any] | None = None,
+    method_args: Mapping[str, Any] | Sequence[Mapping[str, Any]] | None = None,
 ) -> list[Job]:
     """All jobs, FP first within each (task, model); the FP job is added even if ``fp`` was not asked for.
 
     ``tasks`` (name -> Task) is only consulted for an optional ``weights_tag(model, dataset, weights)``;
     ``options`` (task -> non-default task options) is recorded in each job of that task;
-    ``method_args`` (config field -> value) applies to every quantization method (not ``fp``).
+    ``method_args`` (config field -> value, or a list of such sets: one row per set, a sweep) applies
+    to every quantization method (not ``fp``).
     """
     quant_methods = [m for m in methods if m != FP_METHOD]
     quant_bits = [b.name for b in bits if not b.is_fp]  # FP is the per-model reference column
-    margs = {m: coerce_method_args(m, method_args or {}) for m in quant_methods}
-    configs = {m: resolved_config(m, profile, margs.get(m)) for m in [FP_METHOD, *quant_methods]}
+    arg_sets = [dict(method_args or {})] if method_args is None or isinstance(method_args, Mapping) \
+        else [dict(a) for a in method_args] or [{}]
+    # (method, set) -> (coerced args, resolved config), in the order given
+    variants = {(m, i): (margs := coerce_method_args(m, a), resolved_config(m, profile, margs))
+                for m in quant_methods for i, a in enumerate(arg_sets)}
+    fp_config = resolved_config(FP_METHOD, profile)
     jobs: list[Job] = []
     for task, models in models_by_task.items():
         for model in models:
@@ -205,12 +223,12 @@ def expand(
                 task=task, model=model, dataset=dataset, profile=profile, weights_tag=tag, weights=weights,
                 options=dict((options or {}).get(task, {})),
             )
-            jobs.append(
-                Job(method=FP_METHOD, bits=FP_BITS, seed=FP_SEED, config=configs[FP_METHOD], **common)
-            )
+            jobs.append(Job(method=FP_METHOD, bits=FP_BITS, seed=FP_SEED, config=fp_config, **common))
             for method in quant_methods:
-                for b in quant_bits:
-                    for seed in seeds:
-                        jobs.append(Job(method=method, bits=b, seed=seed, config=configs[method],
-                                        method_args=margs[method], **common))
+                for i in range(len(arg_sets)):
+                    margs, config = variants[(method, i)]
+                    for b in quant_bits:
+                        for seed in seeds:
+                            jobs.append(Job(method=method, bits=b, seed=seed, config=config,
+                                            method_args=margs, **common))
     return jobs

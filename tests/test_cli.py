@@ -233,9 +233,28 @@ def test_method_args_set_config_fields_and_get_their_own_rows(tmp_path, fakes, c
     assert rows == ["toy-ptq", "toy-ptq[calib_size=2,clip=1.0,layers=['fc', 'head']]"]
 
 
+def test_method_args_sweep_gives_one_row_per_set(tmp_path, fakes, capsys):
+    """``;`` separates the sets of a sweep: one job (and one table row) per set, the fp job shared; an
+    empty set is the profile's own row."""
+    out = tmp_path / "res"
+    sweep = "clip=0.5;calib_size=2,clip=0.25;"
+    assert cli.main(["run", "--tasks", "toy", "--models", "toy-a", "--methods", "toy-ptq", "--bits", "w4a4",
+                     "--seeds", "0", "--method-args", sweep, "--results", str(out)]) == 0
+    assert "4 jobs: 4 run" in capsys.readouterr().out
+    args = sorted((r.get("method_args") or {}).get("clip", 1.0) for r in ResultStore(out).records()
+                  if r["method"] == "toy-ptq")
+    assert args == [0.25, 0.5, 1.0]
+    assert CALLS["calib_n:2"] == 1 and CALLS["calib_n:4"] == 2  # each set reached its own job
+    assert cli.main(["tables", "--results", str(out), "--format", "md"]) == 0
+    top1 = capsys.readouterr().out.split("### ")[1]
+    rows = [line.split("|")[1].strip() for line in top1.splitlines() if line.startswith("| toy-ptq")]
+    assert rows == ["toy-ptq", "toy-ptq[calib_size=2,clip=0.25]", "toy-ptq[clip=0.5]"]
+
+
 @pytest.mark.parametrize(
     "args, message",
     [
+        ("clip=0.5;clip=0.5", "error: --method-args: set 2 repeats an earlier set"),
         ("steps=3", "error: method 'toy-ptq' has no config field 'steps'; fields: calib_size, clip, layers"),
         ("calib_size=big", "error: method 'toy-ptq': calib_size='big' should be int like the default 32"),
         ("calib_size", "error: --method-args: 'calib_size' is not key=value"),

@@ -224,3 +224,19 @@ def test_set_mode_helper():
         assert all(q.mode == "quant" for q in quantizers(model))
     with pytest.raises(ValueError):
         set_mode(model, "on")
+
+
+def test_w3a3_is_a_named_spec_with_eight_levels():
+    """SARDFQ and MaskAQ report W3/A3: the spec parses, and a 3-bit per-channel weight takes at most
+    2^3 = 8 distinct values per output channel, the symmetric grid [-4, 3] times its scale."""
+    from methods.quant.bits import NAMED_SPECS
+
+    assert "w3a3" in NAMED_SPECS and parse_bits("w3a3") == BitSpec("w3a3", 3, 3)
+    q = UniformQuantizer(QuantizerSpec(symmetric=True, per_channel=True, ch_axis=0, range="dynamic"), 3)
+    w = torch.randn(4, 64, generator=torch.Generator().manual_seed(0))
+    out = q(w)
+    scale = w.abs().amax(1, keepdim=True) / 3  # max|w| / (2^(b-1) - 1)
+    codes = out / scale
+    torch.testing.assert_close(codes, codes.round(), rtol=0, atol=1e-4)
+    assert codes.min() >= -4 - 1e-4 and codes.max() <= 3 + 1e-4
+    assert all(len(torch.unique(row)) <= 8 for row in out)

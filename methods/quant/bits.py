@@ -12,7 +12,7 @@ import re
 from dataclasses import dataclass, field, replace
 
 BIT_CANDIDATES = (2, 3, 4, 5, 6, 8)
-NAMED_SPECS = ("fp", "w4a4", "w6a6", "w8a8", "w4a8", "w5a5")
+NAMED_SPECS = ("fp", "w4a4", "w6a6", "w8a8", "w4a8", "w5a5", "w3a3")  # w3a3: SARDFQ and MaskAQ report it
 _WA = re.compile(r"^w(\d+)a(\d+)$")
 _MP = re.compile(r"^mp(\d+)$")
 
