@@ -1,0 +1,87 @@
+"""SPDFQ's generation pieces against direct computations: GMM priors, APA, MSR regions, soft labels."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from methods.synth.attention_priors import (
+    apa_loss,
+    crop_resized,
+    deeper_half,
+    gmm_map,
+    quadrant_regions,
+    random_gmm_priors,
+    soft_cross_entropy,
+    soft_labels,
+)
+
+
+def test_gmm_map_sums_to_one_and_peaks_at_its_centres():
+    centres = torch.tensor([[1.0, 1.0], [1.0, 10.0], [10.0, 2.0], [7.0, 8.0], [12.0, 12.0]])
+    prior = gmm_map((14, 14), centres, torch.full((5,), 0.8), torch.full((5,), 0.2))
+    assert prior.shape == (196,) and prior.sum().item() == pytest.approx(1.0, abs=1e-6)
+    grid = prior.view(14, 14)
+    padded = torch.nn.functional.pad(grid[None, None], (1, 1, 1, 1), value=-1.0)[0, 0]
+    peaks = {(r, c) for r in range(14) for c in range(14)
+             if grid[r, c] > padded[r:r + 3, c:c + 3].flatten().topk(2).values[1]}
+    assert peaks == {(1, 1), (1, 10), (10, 2), (7, 8), (12, 12)}  # K = 5 local maxima, at the centres
+    # one Gaussian: the density itself, normalised
+    one = gmm_map((3, 4), torch.tensor([[1.0, 2.0]]), torch.tensor([1.5]), torch.tensor([1.0]))
+    rows, cols = torch.meshgrid(torch.arange(3.0), torch.arange(4.0), indexing="ij")
+    direct = torch.exp(-((rows - 1) ** 2 + (cols - 2) ** 2) / (2 * 1.5**2)).flatten()
+    torch.testing.assert_close(one, direct / direct.sum())
+
+
+def test_random_priors_are_seeded_per_image_and_head():
+    a = random_gmm_priors((2, 3, 4), (7, 7), 5, torch.Generator().manual_seed(0))
+    b = random_gmm_priors((2, 3, 4), (7, 7), 5, torch.Generator().manual_seed(0))
+    assert a.shape == (2, 3, 4, 49) and torch.equal(a, b)
+    torch.testing.assert_close(a.sum(-1), torch.ones(2, 3, 4))
+    flat = a.reshape(-1, 49)
+    assert len({tuple(p.tolist()) for p in flat}) == flat.shape[0]  # a different prior for every head
+
+
+def test_apa_is_zero_at_the_prior_and_weights_depth():
+    priors = [torch.softmax(torch.randn(2, 3, 16), -1) for _ in range(2)]
+    assert apa_loss(priors, priors, [3, 4], 4).item() == 0.0
+    att = [p + 0.1 for p in priors]
+    # every head's MSE is 0.01: sum over 3 heads, weights 3/4 and 4/4
+    assert apa_loss(att, priors, [3, 4], 4).item() == pytest.approx((3 / 4 + 1) * 3 * 0.01, rel=1e-5)
+    assert deeper_half(12) == list(range(6, 13)) and deeper_half(4) == [2, 3, 4]
+
+
+@pytest.mark.parametrize("count", [1, 2, 3, 4])
+def test_msr_regions_never_overlap_and_have_the_asked_sizes(count):
+    size = (15, 20)
+    for seed in range(5):
+        boxes = quadrant_regions(size, count, torch.Generator().manual_seed(seed))
+        assert len(boxes) == count
+        cover = torch.zeros(size)
+        for top, left, h, w in boxes:
+            cover[top:top + h, left:left + w] += 1
+            assert (h, w) in {(7, 10), (8, 10)}
+        assert cover.max() == 1 and cover.sum() == sum(h * w for *_, h, w in boxes)
+    x = torch.arange(4 * 4, dtype=torch.float32).view(1, 1, 4, 4)
+    torch.testing.assert_close(crop_resized(x, (0, 2, 2, 2), (2, 2)), x[..., 0:2, 2:4])  # same size: as is
+    with pytest.raises(ValueError, match="1..4"):
+        quadrant_regions(size, 5, torch.Generator())
+
+
+def test_soft_labels_put_their_mass_on_the_given_classes():
+    g = torch.Generator().manual_seed(3)
+    t = soft_labels(10, [[2], [4, 7]], g)
+    z_draw = 5 + 5 * torch.rand(3, generator=torch.Generator().manual_seed(3))
+    z = torch.zeros(2, 10)
+    z[0, 2], z[1, 4], z[1, 7] = z_draw[0], z_draw[1], z_draw[2]
+    torch.testing.assert_close(t, z.softmax(-1))
+    # Z >= 5 at the given classes, 0 elsewhere: their mass is at least e^5 / (e^5 + 9) (one class of 10)
+    assert t[0, 2] >= math.exp(5) / (math.exp(5) + 9) - 1e-6
+    assert t[1, [4, 7]].sum() >= 2 * math.exp(5) / (2 * math.exp(5) + 8) - 1e-6
+    assert torch.allclose(t[0, [0, 1, 3]], t[0, 0].expand(3))  # every other class gets the same mass
+    logits = torch.randn(2, 10)
+    direct = -sum(t[i] @ logits[i].log_softmax(-1) for i in range(2)) / 2
+    assert soft_cross_entropy(logits, t).item() == pytest.approx(float(direct), rel=1e-6)
+    assert math.isclose(t.sum().item(), 2.0, rel_tol=1e-6)
