@@ -9,6 +9,7 @@ import torch
 
 from methods.synth.attention_priors import (
     apa_loss,
+    cls_attention,
     crop_resized,
     deeper_half,
     gmm_map,
@@ -16,6 +17,7 @@ from methods.synth.attention_priors import (
     random_gmm_priors,
     soft_cross_entropy,
     soft_labels,
+    window_attention_map,
 )
 
 
@@ -85,3 +87,36 @@ def test_soft_labels_put_their_mass_on_the_given_classes():
     direct = -sum(t[i] @ logits[i].log_softmax(-1) for i in range(2)) / 2
     assert soft_cross_entropy(logits, t).item() == pytest.approx(float(direct), rel=1e-6)
     assert math.isclose(t.sum().item(), 2.0, rel_tol=1e-6)
+
+
+def test_window_attention_lands_on_its_windows_and_undoes_the_shift():
+    """A map whose every key in window i has mean attention i+1: each token of the 8x8 grid must get its
+    window's value, windows in row-major order; with a cyclic shift s the map is rolled back by +s."""
+    b, heads, ws, grid = 2, 3, 4, (8, 8)
+    n_win = (8 // ws) ** 2
+    probs = torch.zeros(b * n_win, heads, ws * ws, ws * ws)
+    for i in range(b * n_win):
+        probs[i] = (i % n_win) + 1.0  # constant over queries and keys
+    out = window_attention_map(probs, grid, ws).view(b, heads, 8, 8)
+    rows, cols = torch.meshgrid(torch.arange(8), torch.arange(8), indexing="ij")
+    expected = (rows // ws) * 2 + cols // ws + 1.0
+    assert torch.equal(out[1, 2], expected)
+    shifted = window_attention_map(probs, grid, ws, shift=2).view(b, heads, 8, 8)
+    assert torch.equal(shifted[0, 0], torch.roll(expected, shifts=(2, 2), dims=(0, 1)))
+    # a real timm Swin block: the query-mean of softmax rows, laid back, still sums to the window count
+    from tiny import tiny_swin
+
+    from methods.quant.surgery import AttentionRecorder
+
+    model = tiny_swin()
+    with torch.no_grad(), AttentionRecorder(model, roles=("av",), keep_inputs=True) as rec:
+        model(torch.randn(2, 1, 16, 16, generator=torch.Generator().manual_seed(0)))
+        first = rec.inputs["av"][0][0]  # block 0 of stage 0: 8x8 tokens, 4x4 windows, no shift
+    att = window_attention_map(first, (8, 8), 4)
+    assert att.shape == (2, 2, 64)
+    torch.testing.assert_close(att.sum(-1), torch.full((2, 2), 4.0))  # 4 windows, each row sums to 1
+
+
+def test_cls_attention_is_the_class_query_row():
+    probs = torch.softmax(torch.randn(2, 3, 5, 5), -1)
+    torch.testing.assert_close(cls_attention(probs, 1), probs[:, :, 0, 1:])

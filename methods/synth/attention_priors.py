@@ -51,6 +51,31 @@ def _dirichlet_ones(shape: Sequence[int], generator: torch.Generator) -> Tensor:
     return e / e.sum(-1, keepdim=True)
 
 
+def cls_attention(probs: Tensor, prefix_tokens: int) -> Tensor:
+    """ViT/DeiT: the class token's post-softmax attention to the patch tokens, (B, heads, N_patches).
+
+    ``probs`` (B, heads, T, T) is the first operand of a block's ``attn @ v`` (its "av" MatMul)."""
+    return probs[:, :, 0, prefix_tokens:]
+
+
+def window_attention_map(probs: Tensor, grid: tuple[int, int], window: int, shift: int = 0) -> Tensor:
+    """Swin: each window's post-softmax attention averaged over its queries, laid back on the token
+    grid (B, heads, H*W), undoing the block's cyclic shift.
+
+    ``probs`` (B * windows, heads, window², window²) in timm's window order (row-major windows of the
+    shifted map, row-major tokens inside a window).
+    """
+    h, w = grid
+    nh, nw = h // window, w // window
+    per_key = probs.mean(-2)  # (B*nW, heads, ws*ws): mean over queries
+    b = per_key.shape[0] // (nh * nw)
+    heads = per_key.shape[1]
+    x = per_key.view(b, nh, nw, heads, window, window).permute(0, 3, 1, 4, 2, 5).reshape(b, heads, h, w)
+    if shift:
+        x = torch.roll(x, shifts=(shift, shift), dims=(2, 3))  # the shifted map back onto the image grid
+    return x.reshape(b, heads, h * w)
+
+
 def apa_loss(attention: Sequence[Tensor], priors: Sequence[Tensor], depths: Sequence[int],
              num_blocks: int) -> Tensor:
     """L_APA = sum over the given blocks l of (l / L) * sum over heads of MSE(A_lh, prior_lh).
@@ -103,5 +128,7 @@ def soft_cross_entropy(logits: Tensor, targets: Tensor) -> Tensor:
     return -(targets * logits.log_softmax(-1)).sum(-1).mean()
 
 
-__all__ = ["gmm_map", "random_gmm_priors", "apa_loss", "deeper_half", "quadrant_regions", "crop_resized",
-           "soft_labels", "soft_cross_entropy"]
+__all__ = [
+    "gmm_map", "random_gmm_priors", "cls_attention", "window_attention_map", "apa_loss", "deeper_half",
+    "quadrant_regions", "crop_resized", "soft_labels", "soft_cross_entropy",
+]
