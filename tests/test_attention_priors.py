@@ -120,3 +120,42 @@ def test_window_attention_lands_on_its_windows_and_undoes_the_shift():
 def test_cls_attention_is_the_class_query_row():
     probs = torch.softmax(torch.randn(2, 3, 5, 5), -1)
     torch.testing.assert_close(cls_attention(probs, 1), probs[:, :, 0, 1:])
+
+
+def _spdfq(model, family, seed=0, iterations=6, **kw):
+    from tiny import SPEC
+
+    from methods.synth.spdfq_generation import generate_spdfq_images
+
+    return generate_spdfq_images(
+        model, model, SPEC, batch_size=4, iterations=iterations, warmup=1, lr=0.2,
+        generator=torch.Generator().manual_seed(seed), num_classes=kw.pop("num_classes", 10), family=family,
+        prefix_tokens=1 if family == "vit" else 0, patch_grid=(4, 4) if family == "vit" else None, jitter=1,
+        **kw,
+    )
+
+
+@pytest.mark.parametrize("family", ["vit", "swin"])
+def test_spdfq_generation_is_seeded_and_has_every_term(family):
+    from tiny import tiny_swin, tiny_vit
+
+    model = tiny_vit() if family == "vit" else tiny_swin()
+    a, b = _spdfq(model, family), _spdfq(model, family)
+    assert torch.equal(a.images, b.images) and a.history == b.history
+    assert not torch.equal(a.images, _spdfq(model, family, seed=1).images)
+    assert {"apa", "msr", "sl", "tv"} <= set(a.history[0])
+    assert a.meta["apa_depths"] == ([1, 2] if family == "vit" else [2, 3, 4])
+    dense = _spdfq(model, family, num_classes=None, iterations=2)  # det/seg: APA + TV only
+    assert set(dense.history[0]) == {"loss", "apa", "tv"}
+
+
+def test_spdfq_apa_pulls_the_attention_to_the_prior():
+    from tiny import tiny_vit
+
+    model = tiny_vit()
+    only = dict(iterations=40, use_msr=False, use_sl=False, tv_weight=0.0)
+    res = _spdfq(model, "vit", apa_weight=1e4, **only)
+    control = _spdfq(model, "vit", apa_weight=1e-9, **only)  # the same measurement, no pull
+    assert res.history[0]["apa"] == control.history[0]["apa"]  # same start (same seed and priors)
+    assert res.history[-1]["apa"] < res.history[0]["apa"]
+    assert res.history[-1]["apa"] < control.history[-1]["apa"]
