@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from bench.grid import FP_METHOD, Job, coerce_method_args, expand, parse_method_arg_sets
+from bench.grid import FP_METHOD, Job, as_arg_sets, coerce_method_args, expand, parse_method_arg_sets
 from bench.progress import Reporter
 from bench.runner import RunSummary, run_jobs
 from bench.store import ResultStore
@@ -66,7 +66,8 @@ class Plan:
                       self.weights, tasks=self.tasks, options=self.options, method_args=self.method_args)
 
 
-def _names(value: str | Sequence[str] | None) -> list[str]:
+def split_names(value: str | Sequence[str] | None) -> list[str]:
+    """``"a, b"`` or a sequence -> a list of stripped names (None -> [])."""
     if value is None:
         return []
     if isinstance(value, str):
@@ -74,7 +75,8 @@ def _names(value: str | Sequence[str] | None) -> list[str]:
     return [str(v).strip() for v in value]
 
 
-def _check_names(kind: str, given: Sequence[str], valid: Sequence[str]) -> None:
+def check_names(kind: str, given: Sequence[str], valid: Sequence[str]) -> None:
+    """UsageError (with a did-you-mean) for the first name not in ``valid``."""
     for name in given:
         if name not in valid:
             raise UsageError(unknown_name_message(kind, name, list(valid)))
@@ -127,27 +129,29 @@ def make_plan(
     a mapping of config fields, or a list of mappings.
     """
     all_methods = registry_names("methods", METHODS)
-    method_names = all_methods if methods == "all" or _names(methods) == ["all"] else _names(methods)
-    _check_names("method", method_names, all_methods)
+    method_names = split_names(methods)
+    if method_names == ["all"]:
+        method_names = all_methods
+    check_names("method", method_names, all_methods)
     if FP_METHOD not in all_methods:
         raise UsageError(f"method {FP_METHOD!r} (the FP reference of every table) is not registered")
-    task_names = _names(tasks)
-    _check_names("task", task_names, registry_names("tasks", TASKS))
-    _check_names("dataset", [dataset], DATASETS)
+    task_names = split_names(tasks)
+    check_names("task", task_names, registry_names("tasks", TASKS))
+    check_names("dataset", [dataset], DATASETS)
     try:
-        bit_specs = [parse_bits(b) for b in _names(bits)]
+        bit_specs = [parse_bits(b) for b in split_names(bits)]
     except BitSpecError as e:
         raise UsageError(str(e)) from e
     if not bit_specs:
         raise UsageError("--bits is empty")
     seed_list = _seeds(DEFAULT_SEEDS.get(dataset, (0,)) if seeds is None else seeds)
     profiles = sorted(set(BASE_PROFILES).union(*(METHODS.get(m).profiles() for m in method_names)))
-    _check_names("profile", [profile], profiles)
+    check_names("profile", [profile], profiles)
     dev = device_from(device)
     margs = _method_args(method_args, method_names)
     options = _task_options(task_names, quant_scope)
     task_objs = {t: get_task(t, data_root=data_root, **options.get(t, {})) for t in task_names}
-    models_by_task = _models(task_objs, dataset, _names(models))
+    models_by_task = _models(task_objs, dataset, split_names(models))
     if weights is not None:
         if not Path(weights).is_file():
             raise UsageError(f"--weights {weights}: no such file")
@@ -162,7 +166,7 @@ def make_plan(
 def _seeds(seeds: str | Sequence[int]) -> list[int]:
     text = seeds if isinstance(seeds, str) else ",".join(str(s) for s in seeds)
     try:
-        out = [int(s) for s in _names(text)]
+        out = [int(s) for s in split_names(text)]
     except ValueError as e:
         raise UsageError(f"invalid --seeds {text!r}; use comma-separated integers, e.g. 0,1,2") from e
     if not out or len(set(out)) != len(out) or min(out) < 0:
@@ -176,7 +180,7 @@ def _models(tasks: Mapping[str, Task], dataset: str, wanted: list[str]) -> dict[
         by_task = {t: list(task.models(dataset)) for t, task in tasks.items()}
     else:
         named = {t: [*task.models(dataset), *task.optional_models(dataset)] for t, task in tasks.items()}
-        _check_names("model", wanted, sorted({m for ms in named.values() for m in ms}))
+        check_names("model", wanted, sorted({m for ms in named.values() for m in ms}))
         by_task = {t: [m for m in wanted if m in ms] for t, ms in named.items()}
     return {t: ms for t, ms in by_task.items() if ms}
 
@@ -185,10 +189,7 @@ def _method_args(value: str | Mapping[str, Any] | Sequence[Mapping[str, Any]] | 
                  methods: list[str]) -> list[dict[str, Any]]:
     """Parsed method-arg sets; every selected quantization method must have each field."""
     try:
-        if value is None or isinstance(value, str):
-            sets = parse_method_arg_sets(value)
-        else:
-            sets = [dict(value)] if isinstance(value, Mapping) else [dict(v) for v in value] or [{}]
+        sets = parse_method_arg_sets(value) if value is None or isinstance(value, str) else as_arg_sets(value)
         for method in methods:
             if method != FP_METHOD:
                 for margs in sets:
@@ -200,7 +201,7 @@ def _method_args(value: str | Mapping[str, Any] | Sequence[Mapping[str, Any]] | 
     for margs in sets:
         source = margs.get("data_source")
         if source is not None:
-            _check_names("data source", [str(source)], registry_names("data sources", SOURCES))
+            check_names("data source", [str(source)], registry_names("data sources", SOURCES))
     return sets
 
 

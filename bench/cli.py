@@ -32,22 +32,12 @@ from bench.tables import FORMATS, write_tables
 from methods.base import METHODS, get_method
 from methods.data import SOURCES
 from methods.quant.bits import BIT_CANDIDATES, NAMED_SPECS
-from methods.quant.registry import UnknownName, unknown_name_message
+from methods.quant.registry import UnknownName
 from tasks.base import DATASETS, TASKS, TaskError, get_task
 
 DEFAULT_BITS = ",".join(api.DEFAULT_BITS)
 PLUGIN_ENV = "VITQ_BENCH_PLUGINS"
 GOLDEN_DEFAULT = "results/golden/mini.json"
-
-def _split(text: str | None) -> list[str]:
-    return [t.strip() for t in (text or "").split(",") if t.strip()]
-
-
-def _check_names(kind: str, given: Sequence[str], valid: Sequence[str]) -> None:
-    for name in given:
-        if name not in valid:
-            raise UsageError(unknown_name_message(kind, name, list(valid)))
-
 
 def load_plugins(specs: Sequence[str]) -> None:
     """Import ``module[:function]`` or ``path/file.py[:function]`` (calling the function if given).
@@ -106,8 +96,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_tables(args: argparse.Namespace) -> int:
-    formats = _split(args.format)
-    _check_names("format", formats, FORMATS)
+    formats = api.split_names(args.format)
+    api.check_names("format", formats, FORMATS)
     store = ResultStore(args.results)
     written = write_tables(store, task=args.task, dataset=args.dataset, formats=formats)
     if not written:
@@ -199,7 +189,7 @@ def _method_config_table(name: str) -> str:
 def cmd_list(args: argparse.Namespace) -> int:
     methods = api.registry_names("methods", METHODS)
     if args.method:
-        _check_names("method", [args.method], methods)
+        api.check_names("method", [args.method], methods)
         print(_method_config_table(args.method))
         return 0
     rows, prov = [], []
@@ -349,7 +339,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(levelname)s %(name)s: %(message)s",
     )
     try:
-        load_plugins([*_split(os.environ.get(PLUGIN_ENV)), *args.plugin])
+        load_plugins([*api.split_names(os.environ.get(PLUGIN_ENV)), *args.plugin])
         if getattr(args, "threads", None):
             torch.set_num_threads(args.threads)
         return args.func(args)

@@ -115,6 +115,13 @@ def parse_value(text: str) -> Any:
     return text
 
 
+def as_arg_sets(method_args: Mapping[str, Any] | Sequence[Mapping[str, Any]] | None) -> list[dict[str, Any]]:
+    """One set (a mapping, or None for the profile's own) or a sequence of sets -> a list of sets."""
+    if method_args is None or isinstance(method_args, Mapping):
+        return [dict(method_args or {})]
+    return [dict(a) for a in method_args] or [{}]
+
+
 def parse_method_arg_sets(text: str | None) -> list[dict[str, Any]]:
     """``lr=1e-3;lr=1e-4,epochs=5;`` -> one dict per ``;``-separated set (a sweep: one table row per
     set; an empty set is the profile's own setting). Without ``;`` a single set."""
@@ -209,8 +216,7 @@ def expand(
     """
     quant_methods = [m for m in methods if m != FP_METHOD]
     quant_bits = [b.name for b in bits if not b.is_fp]  # FP is the per-model reference column
-    arg_sets = [dict(method_args or {})] if method_args is None or isinstance(method_args, Mapping) \
-        else [dict(a) for a in method_args] or [{}]
+    arg_sets = as_arg_sets(method_args)
     # (method, set) -> (coerced args, resolved config), in the order given
     variants = {(m, i): (margs := coerce_method_args(m, a), resolved_config(m, profile, margs))
                 for m in quant_methods for i, a in enumerate(arg_sets)}

@@ -186,15 +186,16 @@ class QuantMethod:
         """The images calibration (and fine-tuning) use, from the configured data source."""
         name = self.source_name()
         source = SOURCES.get(name)
-        if source.owner in (None, self.name):
+        if source.owner in (None, self.name):  # no settings, or this method's own: it says how many
             config = self.config if source.owner else None
-        else:  # another method's generator: that method's settings at this profile and target
+            n = self.num_images(target)
+        else:  # another method's generator: that method's settings (and count) at this profile and target
             owner = get_method(source.owner)
             config = owner(owner.make_config(ctx.profile)).target_config(target, ctx)
+            n = source().count(config, target)
             ctx.note(f"{self.name}: images from data source {name!r} ({owner.name}'s {ctx.profile} settings)")
         if self.data_free and not source.data_free:
             ctx.note(f"{self.name}: data_source={name!r} uses real images: this run is not data-free")
-        n = self.num_images(target) if source.owner in (None, self.name) else source().count(config, target)
         return obtain(name, target, n, config, ctx).images
 
     def num_images(self, target: QuantTarget) -> int:

@@ -98,9 +98,6 @@ class PSEImages(DataSource):
     def count(self, config: Any, target: QuantTarget) -> int:
         return int(config.batch_size)
 
-    def key_config(self, config: Any) -> dict[str, Any]:
-        return {k: v for k, v in dataclasses.asdict(config).items() if k != "data_source"}
-
     def make(self, target: QuantTarget, n: int, config: Any, ctx: RunContext) -> Tensor:
         cfg = config
         spec = target.input_spec

@@ -39,7 +39,7 @@ class DataSource:
     # The method whose Config holds this source's settings (None: the source takes no config). When a
     # method swaps in another method's source, that owner's config at the job's profile is used.
     owner: ClassVar[str | None] = None
-    # Config fields that shape the images: only these key the cache (None: every field).
+    # Config fields that shape the images: only these key the cache (None: every field but data_source).
     key_fields: ClassVar[tuple[str, ...] | None] = None
     summary: ClassVar[str] = ""
 
@@ -54,7 +54,9 @@ class DataSource:
     def key_config(self, config: Any) -> dict[str, Any]:
         if config is None:
             return {}
-        fields = self.key_fields or tuple(f.name for f in dataclasses.fields(config))
+        # data_source picks the source; it never shapes the images a source makes
+        fields = self.key_fields or tuple(
+            f.name for f in dataclasses.fields(config) if f.name != "data_source")
         return {k: getattr(config, k) for k in fields}
 
 

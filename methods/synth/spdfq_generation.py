@@ -114,11 +114,13 @@ def generate_spdfq_images(
         lo, hi = label_range
         z_values = (lo + (hi - lo) * torch.rand((batch_size, 5), generator=generator)).to(device)
 
-        def targets(rows: Tensor, slots: list[int]) -> Tensor:
-            """Soft (or one-hot-like) targets over the given class slots of each row."""
+        def targets(rows: Tensor, slots: Tensor) -> Tensor:
+            """Soft (or, without SL, one-hot-like) targets over the class slots ``slots[i]`` of image
+            ``rows[i]``: slot 0 is the image's own class, 1 + q the class of its quadrant q."""
             z = torch.zeros(len(rows), num_classes, device=device)
-            for slot in slots:
-                z[torch.arange(len(rows)), classes[rows, slot]] = z_values[rows, slot] if use_sl else 1e4
+            picks = torch.arange(len(rows), device=device)
+            for col in slots.T:
+                z[picks, classes[rows, col]] = z_values[rows, col] if use_sl else 1e4
             return z.softmax(-1)
 
         rows = torch.arange(batch_size, device=device)
@@ -133,7 +135,7 @@ def generate_spdfq_images(
                                  [s.depth for s in used], num_blocks)
                 total, parts["apa"] = total + apa_weight * l_apa, float(l_apa.detach())
             if with_labels:
-                slots = [0]
+                slots = [0]  # the full image: its own class, plus this step's regions' classes
                 if use_msr:
                     m = int(torch.randint(1, msr_max + 1, (), generator=generator))
                     boxes = quadrant_regions(input_spec.image_size, m, generator)
@@ -142,19 +144,14 @@ def generate_spdfq_images(
                     regions = torch.cat([crop_resized(x, b, input_spec.image_size) for b in boxes])
                     region_rows = torch.cat([rows] * len(boxes))
                     region_slots = torch.cat([torch.full((batch_size,), 1 + q, device=device) for q in quads])
-                    l_msr = soft_cross_entropy(forward(regions), _slot_targets(region_rows, region_slots))
+                    l_msr = soft_cross_entropy(forward(regions), targets(region_rows, region_slots[:, None]))
                     total, parts["msr"] = total + l_msr, float(l_msr.detach())
-                l_sl = soft_cross_entropy(logits, targets(rows, slots))
+                full_slots = torch.tensor(slots, device=device).expand(batch_size, -1)
+                l_sl = soft_cross_entropy(logits, targets(rows, full_slots))
                 total, parts["sl"] = total + l_sl, float(l_sl.detach())
             l_tv = tv_target_loss(x, tv_target)
             total, parts["tv"] = total + tv_weight * l_tv, float(l_tv.detach())
             return total, parts
-
-        def _slot_targets(region_rows: Tensor, region_slots: Tensor) -> Tensor:
-            z = torch.zeros(len(region_rows), num_classes, device=device)
-            cls = classes[region_rows, region_slots]
-            z[torch.arange(len(region_rows)), cls] = z_values[region_rows, region_slots] if use_sl else 1e4
-            return z.softmax(-1)
 
         stages = [Stage(iterations, jitter, warmup)]
         result = optimize_pixels(
