@@ -246,6 +246,7 @@ METHODS: Registry[type[QuantMethod]] = Registry(
         "psaq-vit": "methods.baselines",
         "psaq-vit-v2": "methods.psaq_vit_v2",
         "mimiq": "methods.mimiq",
+        "spdfq": "methods.spdfq",
     },
     entry_point_group="vitq_bench.methods",
     base=QuantMethod,

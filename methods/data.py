@@ -68,6 +68,7 @@ SOURCES: Registry[type[DataSource]] = Registry(
         "psaq-vit": "methods.baselines",
         "psaq-vit-v2": "methods.psaq_vit_v2",
         "mimiq": "methods.mimiq",
+        "spdfq": "methods.spdfq",
     },
     entry_point_group="vitq_bench.data_sources",
     base=DataSource,

@@ -10,10 +10,15 @@ style scaling (MPTQ-ViT's SQ-b) is the shift-free, per-channel-scale case.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
+
+from methods.quant.modules import QuantLinear
+from methods.quant.quantizers import UniformQuantizer
 
 
 @torch.no_grad()
@@ -41,4 +46,41 @@ def fold_into_layernorm(norm: nn.LayerNorm, linears: Sequence[nn.Linear], ratio:
     norm.bias.add_(shift).div_(ratio)
 
 
-__all__ = ["fold_into_layernorm"]
+@torch.no_grad()
+def reparameterize_post_norm(norm: nn.LayerNorm, layer: QuantLinear) -> dict[str, Any]:
+    """RepQ-ViT's scale reparameterisation of a calibrated channel-wise input quantizer (in place).
+
+    ``layer.a_quant`` is an initialised per-channel asymmetric uniform quantizer over the last axis
+    (scales s_c, zero points z_c) of ``norm``'s output. It becomes per-tensor with s = mean(s_c) and
+    z = round(mean(z_c)); the LayerNorm affine absorbs ratio = s_c / s and shift = s_c (z_c - z), and
+    the layer the inverse, so the per-tensor quantizer on the new LayerNorm output produces, through
+    the layer, exactly what the channel-wise one did (z_c - z is an integer: the rounding grid moves
+    by whole steps). The weight quantizer is then re-initialised on the rescaled weight. Both
+    quantizers keep their modes.
+    """
+    aq = layer.a_quant
+    if not (isinstance(aq, UniformQuantizer) and aq.spec.per_channel and aq.initialized):
+        raise ValueError("reparameterize_post_norm: the layer needs a calibrated per-channel input quantizer")
+    qmin, qmax = aq.qrange
+    s_c, z_c = aq.scale.float(), aq.zero_point.float()
+    s = s_c.mean()
+    z = z_c.mean().round().clamp(qmin, qmax)
+    ratio, shift = s_c / s, s_c * (z_c - z)
+    fold_into_layernorm(norm, [layer], ratio, shift)
+    per_tensor = UniformQuantizer(dataclasses.replace(aq.spec, per_channel=False), aq.bits)
+    per_tensor.scale = s.reshape(1).to(aq.scale)
+    per_tensor.zero_point = z.reshape(1).to(torch.int32).to(aq.zero_point.device)
+    per_tensor.mode = aq.mode
+    layer.a_quant = per_tensor.to(aq.scale.device)
+    wq = layer.w_quant
+    if hasattr(wq, "start_calibration"):  # re-initialise on the new weight, keeping the quantizer's mode
+        mode = wq.mode
+        wq.start_calibration()
+        wq.observe(layer.weight.detach())
+        wq.finish_calibration()
+        wq.mode = mode
+    return {"scale": float(s), "zero_point": int(z), "ratio_min": float(ratio.min()),
+            "ratio_max": float(ratio.max())}
+
+
+__all__ = ["fold_into_layernorm", "reparameterize_post_norm"]

@@ -7,7 +7,8 @@ CE by soft targets. Reconstructed here (docs/methods/spdfq.md): PSAQ-ViT's optim
 jitter/flip, its target-matching TV prior, the 2x2-quadrant regions with fixed classes per image and
 a fresh count m ~ U{1..K} each step (the same m and quadrants for the whole batch), and the full
 image's soft target over its own class and the classes of the regions forwarded in that step.
-Targets without class logits (det/seg) get APA + TV only.
+Targets without class logits (det/seg) get APA + TV only; their Swin windows may be padded (mmdet /
+mmseg pad the token grid to whole windows), and the maps then cover the padded grid.
 """
 
 from __future__ import annotations
@@ -45,18 +46,42 @@ class AttentionSite:
 
 
 def attention_sites(hooked: nn.Module, recorder: AttentionRecorder, family: str,
-                    patch_grid: tuple[int, int] | None) -> list[AttentionSite]:
-    """One site per recorded ``attn @ v`` MatMul, in block order (timm ViT/DeiT and timm Swin)."""
+                    patch_grid: tuple[int, int] | None,
+                    probe: Callable[[], object] | None = None) -> list[AttentionSite]:
+    """One site per recorded ``attn @ v`` MatMul, in block order: timm ViT/DeiT, timm Swin (static
+    ``input_resolution``) and the mmdet/mmseg Swin backbones, whose token grid depends on the input:
+    ``probe()`` runs one forward so that each block's ``hw_shape`` is seen (the map then lives on the
+    window-padded grid, as the library partitions it)."""
+    if family != "swin":
+        if patch_grid is None:
+            raise ValueError("attention_sites: a ViT needs its patch grid")
+        return [AttentionSite(d, patch_grid) for d in range(1, len(recorder.names["av"]) + 1)]
+    blocks = [hooked.get_submodule(path.rsplit(".attn.", 1)[0]) for path in recorder.names["av"]]
+    seen: dict[int, tuple[int, int]] = {}
+    dynamic = [b for b in blocks if not hasattr(b, "input_resolution")]
+    if dynamic:
+        if probe is None:
+            raise ValueError("attention_sites: mmdet/mmseg Swin blocks need a probe forward for their grid")
+        def note_grid(block: nn.Module, args: tuple) -> None:  # returns None: the inputs stay as they are
+            seen.setdefault(id(block), (int(args[1][0]), int(args[1][1])))
+
+        hooks = [b.register_forward_pre_hook(note_grid) for b in dynamic]
+        try:
+            with torch.no_grad():
+                probe()
+        finally:
+            for h in hooks:
+                h.remove()
     sites = []
-    for depth, path in enumerate(recorder.names["av"], start=1):
-        if family == "swin":
-            block = hooked.get_submodule(path.rsplit(".attn.", 1)[0])
-            res = tuple(int(v) for v in block.input_resolution)
-            sites.append(AttentionSite(depth, res, int(block.window_size[0]), int(block.shift_size[0])))
-        else:
-            if patch_grid is None:
-                raise ValueError("attention_sites: a ViT needs its patch grid")
-            sites.append(AttentionSite(depth, patch_grid))
+    for depth, block in enumerate(blocks, start=1):
+        if hasattr(block, "input_resolution"):  # timm
+            grid = tuple(int(v) for v in block.input_resolution)
+            sites.append(AttentionSite(depth, grid, int(block.window_size[0]), int(block.shift_size[0])))
+            continue
+        window, shift = int(block.attn.window_size), int(block.attn.shift_size)  # mm ShiftWindowMSA
+        h, w = seen[id(block)]
+        padded = (-(-h // window) * window, -(-w // window) * window)
+        sites.append(AttentionSite(depth, padded, window, shift))
     return sites
 
 
@@ -102,7 +127,7 @@ def generate_spdfq_images(
     with_labels = num_classes is not None
     use_msr, use_sl = use_msr and with_labels, use_sl and with_labels
     with frozen_params(hooked), AttentionRecorder(hooked, roles=("av",), keep_inputs=True) as rec:
-        sites = attention_sites(hooked, rec, family, patch_grid)
+        sites = attention_sites(hooked, rec, family, patch_grid, probe=lambda: forward(init[:1]))
         num_blocks = len(sites)
         depths = deeper_half(num_blocks)
         used = [s for s in sites if s.depth in depths]
