@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
             model, model, spec, batch_size=args.batch, iterations=iterations, warmup=1, lr=0.2,
             generator=torch.Generator().manual_seed(0), num_classes=1000, family=family,
             prefix_tokens=0 if family == "swin" else int(model.num_prefix_tokens),
-            patch_grid=tuple(grid) if grid is not None else None, jitter=15, apa_weight=100.0, **kw)
+            patch_grid=tuple(grid) if grid is not None else None, jitter=15, apa_weight=10.0, **kw)
 
     def per_step(**kw) -> float:
         short, long = cpu_seconds(generate(args.steps, **kw), args.rounds), \
@@ -96,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     calibrate(student, [x], weights_quantized=True)
     freeze(student)
     name = "blocks.0" if family == "vit" else "layers.0.blocks.0"
-    fp_block, q_block = model.get_submodule(name), student.get_submodule(name)
+    fp_block = model.get_submodule(name)
     block_in = capture(model, fp_block, x, lambda m, b: m(b))
 
     def fp_block_step() -> None:
@@ -111,14 +111,16 @@ def main(argv: list[str] | None = None) -> int:
     r_short = cpu_seconds(recon(args.recon_iterations), args.rounds)
     r_long = cpu_seconds(recon(2 * args.recon_iterations), args.rounds)
     recon_iter = (r_long - r_short) / args.recon_iterations
-    print(f"{args.model}, batch {args.batch}, {args.threads} thread(s), process CPU seconds, best of {args.rounds}")
+    print(f"{args.model}, batch {args.batch}, {args.threads} thread(s), process CPU seconds, "
+          f"best of {args.rounds}")
     print(f"FP forward+backward (to the pixels)     {fp * 1e3:8.1f} ms")
     print(f"generation step, APA+MSR+SL+TV          {full * 1e3:8.1f} ms  ratio {full / fp:5.2f}x  "
           f"(goal <= {GOAL}x; MSR adds ~2.5 region batches per step)")
     print(f"generation step, APA+SL+TV (no MSR)     {no_msr * 1e3:8.1f} ms  ratio {no_msr / fp:5.2f}x  "
           f"{'meets' if no_msr / fp <= GOAL else 'misses'} the goal")
     print(f"FP block forward+backward ({name})  {block_fp * 1e3:8.1f} ms")
-    print(f"reconstruction iteration, W4A4 block    {recon_iter * 1e3:8.1f} ms  ratio {recon_iter / block_fp:5.2f}x")
+    print(f"reconstruction iteration, W4A4 block    {recon_iter * 1e3:8.1f} ms  "
+          f"ratio {recon_iter / block_fp:5.2f}x")
     print(f"whole block ({args.recon_iterations} its + capture)        {r_short * 1e3:8.1f} ms  = "
           f"{r_short / block_fp:6.1f} FP block steps")
     return 0

@@ -166,6 +166,23 @@ def test_mse_search_picks_clipping_ratio():
     assert close(qc(w)[1], [0.75, -0.75, 0.75, 0.0, 0.0, -0.75, 0.75])
 
 
+def test_percentile_mse_picks_the_least_error_percentile():
+    # 2-bit symmetric (grid -2..1), |x| quantile 75 = 0.4 (scale 0.4): squared error 0.36 (only 1.0 clips);
+    # quantile 100 = 1.0 (scale 1.0): each 0.4 rounds to 0, error 6 * 0.16 = 0.96. The 75th wins.
+    x = torch.tensor([0.4, 0.4, 0.4, 0.4, -0.4, -0.4, 1.0])
+    spec = QuantizerSpec(symmetric=True, range="percentile_mse", search_percentiles=(100.0, 75.0))
+    q = calibrated(spec, 2, x)
+    assert close(q.scale, [0.4])
+    assert close(q(x), [0.4, 0.4, 0.4, 0.4, -0.4, -0.4, 0.4])
+    # log2: top level 1.0 (100th) vs quantile(x, 0.5) = 0.25 over [0.0625, 0.25, 0.25, 1.0]
+    p = torch.tensor([0.0625, 0.25, 0.25, 1.0])
+    log_spec = QuantizerSpec(kind="log2", range="percentile_mse", search_percentiles=(50.0, 100.0))
+    lq = calibrated(log_spec, 2, p)
+    assert close(lq.scale, [1.0])  # levels 1..1/8: only 0.0625 underflows (0.0039); 0.25 clips 1.0 (0.5625)
+    with pytest.raises(ValueError, match="search_percentiles"):
+        QuantizerSpec(range="percentile_mse", search_percentiles=())
+
+
 def test_mse_never_worse_than_minmax(seed):
     x = torch.randn(4096) ** 3
     for bits in (3, 4):

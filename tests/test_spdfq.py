@@ -99,7 +99,7 @@ def test_spdfq_runs_folds_reconstructs_and_is_deterministic(family, tmp_path):
     assert ctx_a.extra["reparameterization"]["fp_relative_error"] < 1e-5
     units = ctx_a.extra["reconstruction"]["units"]
     assert [u["block"] for u in units] == reconstruction_units(a.model)
-    assert all(u["mse_after"] <= u["mse_before"] for u in units)
+    assert sum(u["mse_after"] for u in units) < sum(u["mse_before"] for u in units)
     c, ctx_c, _ = _run(build(), family, seed=1, tmp_path=tmp_path / "c")
     assert ctx_c.image_hashes != ctx_a.image_hashes
 

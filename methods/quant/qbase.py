@@ -20,7 +20,7 @@ from methods.quant.qfunc import (
 )
 
 KINDS = ("uniform", "log2", "log_sqrt2")
-RANGES = ("minmax", "percentile", "mse", "lsq", "dynamic")
+RANGES = ("minmax", "percentile", "mse", "lsq", "dynamic", "percentile_mse")
 MODES = ("off", "calibrate", "quant")
 LSQ_INITS = ("minmax", "lsq")
 # Revisions are drawn from one process-wide counter, so two quantizers never share one (a cache keyed on
@@ -68,6 +68,8 @@ class QuantizerSpec:
     ``lsq_init``: ``"minmax"`` (step and zero-point from the min-max range) or ``"lsq"`` (the LSQ
     paper's ``step = 2·mean|x|/sqrt(qmax)``, zero-point 0). ``calib_samples``: at most this many values
     are kept per quantizer for percentile / MSE calibration (a uniform random sample).
+    ``range="percentile_mse"`` (RepQ-ViT's init): of the clip ranges at each of ``search_percentiles``
+    (lo at 100 - p, hi at p; symmetric: |x| at p), the one with the least squared error on the sample.
     ``include_zero`` (addition): widen asymmetric ranges to contain 0 first (see qfunc).
     ``arith``: how values reach the integer grid (uniform kind only): ``"reciprocal"`` ``x·(1/s)``
     (fastest; the default), ``"divide"`` ``x/s + zp`` (PSAQ-ViT V1's released code), ``"zeroq"``
@@ -88,6 +90,7 @@ class QuantizerSpec:
     calib_samples: int = 262144
     include_zero: bool = True
     arith: str = "reciprocal"
+    search_percentiles: tuple[float, ...] = (99.9, 99.99, 99.999)
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -100,6 +103,9 @@ class QuantizerSpec:
             raise ValueError("v1_scale applies to symmetric quantizers only")
         if not 0.0 < self.percentile <= 100.0:
             raise ValueError(f"percentile must be in (0, 100], got {self.percentile}")
+        if not self.search_percentiles or not all(0.0 < p <= 100.0 for p in self.search_percentiles):
+            raise ValueError(f"search_percentiles must be non-empty, each in (0, 100]: "
+                             f"{self.search_percentiles}")
         if self.lsq_init not in LSQ_INITS:
             raise ValueError(f"lsq_init {self.lsq_init!r} not in {LSQ_INITS}")
         if self.arith not in ARITHMETIC:
@@ -272,7 +278,7 @@ class FakeQuantizer(nn.Module):
         lo, hi = minmax(x, self.axis)
         self._lo = lo if self._lo is None else torch.minimum(self._lo, lo)
         self._hi = hi if self._hi is None else torch.maximum(self._hi, hi)
-        if self.spec.range in ("percentile", "mse"):
+        if self.spec.range in ("percentile", "mse", "percentile_mse"):
             gen = torch.Generator().manual_seed(self._n_obs)  # deterministic, nothing to deep-copy
             self._n_obs += 1
             self._samples.append(subsample(x, self.axis, self.spec.calib_samples, gen))

@@ -98,6 +98,11 @@ class UniformQuantizer(FakeQuantizer):
             lo, hi = percentile_range(samples, s.percentile, s.symmetric, s.per_channel)
         elif self.spec.range == "mse":
             lo, hi = self._mse_search(lo, hi, samples)
+        elif self.spec.range == "percentile_mse":
+            s = self.spec
+            candidates = [percentile_range(samples, p, s.symmetric, s.per_channel)
+                          for p in s.search_percentiles]
+            lo, hi = self._best_range(candidates, samples)
         self._params_from_range(lo, hi)
 
     def _params_from_range(self, lo: torch.Tensor, hi: torch.Tensor) -> None:
@@ -111,12 +116,16 @@ class UniformQuantizer(FakeQuantizer):
 
     def _mse_search(self, lo, hi, samples) -> tuple[torch.Tensor, torch.Tensor]:
         """Clip ratio per tensor / channel minimising ||x - q(x)||² over the calibration sample."""
+        ratios = torch.linspace(1.0, self.spec.mse_min_ratio, self.spec.mse_grid).tolist()
+        return self._best_range([(lo * r, hi * r) for r in ratios], samples)
+
+    def _best_range(self, candidates, samples) -> tuple[torch.Tensor, torch.Tensor]:
+        """Of the candidate (lo, hi) ranges, per tensor / channel the first with the least squared error."""
         qmin, qmax = self.qrange
         axis = 0 if self.spec.per_channel else None
         samples = samples.float()
         best_err = best_lo = best_hi = None
-        for r in torch.linspace(1.0, self.spec.mse_min_ratio, self.spec.mse_grid).tolist():
-            clo, chi = lo * r, hi * r
+        for clo, chi in candidates:
             s, z = self._uniform_params(clo, chi)
             err = (fake_quant(samples, s, z, qmin, qmax, axis) - samples).pow_(2)
             err = err.sum(dim=1) if axis is not None else err.sum().reshape(1)
@@ -159,6 +168,10 @@ class Log2Quantizer(FakeQuantizer):
             hi = percentile_range(samples, self.spec.percentile, False, self.spec.per_channel)[1]
         elif self.spec.range == "mse":
             hi = self._mse_search(hi, samples)
+        elif self.spec.range == "percentile_mse":
+            pcts = self.spec.search_percentiles
+            tops = [percentile_range(samples, p, False, self.spec.per_channel)[1] for p in pcts]
+            hi = self._best_scale(tops, samples)
         self.scale = hi.float().clamp(min=EPS)
 
     def _range_from_params(self):
@@ -168,11 +181,16 @@ class Log2Quantizer(FakeQuantizer):
         self.scale = hi  # the scale does not depend on the bit-width
 
     def _mse_search(self, hi, samples) -> torch.Tensor:
+        ratios = torch.linspace(1.0, self.spec.mse_min_ratio, self.spec.mse_grid).tolist()
+        return self._best_scale([hi * r for r in ratios], samples)
+
+    def _best_scale(self, candidates, samples) -> torch.Tensor:
+        """Of the candidate top levels, per tensor / channel the first with the least squared error."""
         samples = samples.float()
         shape = [-1, 1] if self.spec.per_channel else [1]
         best_err = best = None
-        for r in torch.linspace(1.0, self.spec.mse_min_ratio, self.spec.mse_grid).tolist():
-            s = (hi * r).clamp(min=EPS)
+        for cand in candidates:
+            s = cand.clamp(min=EPS)
             q = log2_fake_quant(samples, s.view(shape), self.bits, self.spec.kind == "log_sqrt2")
             err = (q - samples).pow_(2)
             err = err.sum(dim=1) if self.spec.per_channel else err.sum().reshape(1)

@@ -23,20 +23,16 @@ class _Stop(Exception):
 
 
 @torch.no_grad()
-def capture(model: nn.Module, block: nn.Module, images: Tensor, forward: Forward,
-            output: bool = False) -> Tensor:
-    """The first positional input (or the output) of ``block`` when ``forward(model, images)`` runs."""
-    seen: list[Tensor] = []
+def capture_call(model: nn.Module, block: nn.Module, images: Tensor, forward: Forward) -> tuple[tuple, Any]:
+    """The positional arguments of ``block`` (tensors detached; e.g. mmdet Swin's ``(x, hw_shape)``) and
+    its output, when ``forward(model, images)`` runs; the rest of the forward is not run."""
+    seen: list[tuple[tuple, Any]] = []
 
-    def pre(_m, args):
-        seen.append(args[0].detach())
+    def post(_m, args, out):
+        seen.append((tuple(a.detach() if isinstance(a, Tensor) else a for a in args), _detach(out)))
         raise _Stop
 
-    def post(_m, _args, out):
-        seen.append(out.detach())
-        raise _Stop
-
-    handle = block.register_forward_hook(post) if output else block.register_forward_pre_hook(pre)
+    handle = block.register_forward_hook(post)
     try:
         forward(model, images)
     except _Stop:
@@ -48,6 +44,27 @@ def capture(model: nn.Module, block: nn.Module, images: Tensor, forward: Forward
     return seen[0]
 
 
+def capture(model: nn.Module, block: nn.Module, images: Tensor, forward: Forward,
+            output: bool = False) -> Tensor:
+    """The first positional input (or the main output) of ``block`` when ``forward(model, images)`` runs."""
+    args, out = capture_call(model, block, images, forward)
+    return main_output(out) if output else args[0]
+
+
+def main_output(out: Any) -> Tensor:
+    """A block's main tensor: the output itself, or the first element of a tuple such as mmdet's
+    ``(x, hw_shape)`` from PatchEmbed / PatchMerging."""
+    return out[0] if isinstance(out, tuple | list) else out
+
+
+def _detach(out: Any) -> Any:
+    if isinstance(out, Tensor):
+        return out.detach()
+    if isinstance(out, tuple | list):
+        return type(out)(_detach(o) for o in out)
+    return out
+
+
 def block_parameters(block: nn.Module) -> list[nn.Parameter]:
     """The weights and biases of the Linear / Conv layers in ``block`` (the reconstruction's variables)."""
     out = []
@@ -55,6 +72,36 @@ def block_parameters(block: nn.Module) -> list[nn.Parameter]:
         if isinstance(m, nn.Linear | nn.Conv2d):
             out += [p for p in (m.weight, m.bias) if p is not None]
     return out
+
+
+def _fit(block: nn.Module, args: tuple, target: Tensor, iterations: int, lr: float) -> tuple[float, float]:
+    """Adam + cosine on the block's Linear/Conv weights and biases (everything else frozen meanwhile);
+    returns the output MSE before and after."""
+    params = block_parameters(block)
+    requires = {id(p): p.requires_grad for p in block.parameters()}
+    for p in block.parameters():
+        p.requires_grad_(False)
+    for p in params:
+        p.requires_grad_(True)
+    opt = torch.optim.Adam(params, lr=lr)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(iterations, 1))
+
+    def error() -> Tensor:
+        return (main_output(block(*args)) - target).pow(2).mean()
+
+    with torch.no_grad():
+        first = float(error())
+    for _ in range(iterations):
+        opt.zero_grad(set_to_none=True)
+        loss = error()
+        loss.backward()
+        opt.step()
+        sched.step()
+    for p in block.parameters():
+        p.requires_grad_(requires[id(p)])
+    with torch.no_grad():
+        last = float(error())
+    return first, last
 
 
 def reconstruct_blocks(fp_model: nn.Module, q_model: nn.Module, names: Sequence[str], images: Tensor,
@@ -65,32 +112,13 @@ def reconstruct_blocks(fp_model: nn.Module, q_model: nn.Module, names: Sequence[
     history = []
     for name in names:
         fp_block, q_block = fp_model.get_submodule(name), q_model.get_submodule(name)
-        x = capture(q_model, q_block, images, forward)
+        args, _ = capture_call(q_model, q_block, images, forward)
         target = capture(fp_model, fp_block, images, forward, output=True)
-        params = block_parameters(q_block)
-        requires = {id(p): p.requires_grad for p in q_block.parameters()}
-        for p in q_block.parameters():
-            p.requires_grad_(False)
-        for p in params:
-            p.requires_grad_(True)
-        opt = torch.optim.Adam(params, lr=lr)
-        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(iterations, 1))
-        with torch.no_grad():
-            first = float((q_block(x) - target).pow(2).mean())
-        for _ in range(iterations):
-            opt.zero_grad(set_to_none=True)
-            loss = (q_block(x) - target).pow(2).mean()
-            loss.backward()
-            opt.step()
-            sched.step()
-        for p in q_block.parameters():
-            p.requires_grad_(requires[id(p)])
-        with torch.no_grad():
-            last = float((q_block(x) - target).pow(2).mean())
+        first, last = _fit(q_block, args, target, iterations, lr)
         history.append({"block": name, "mse_before": first, "mse_after": last})
         if progress is not None:
             progress(f"reconstruct {name}: mse {first:.5f} -> {last:.5f}")
     return history
 
 
-__all__ = ["capture", "block_parameters", "reconstruct_blocks"]
+__all__ = ["capture", "capture_call", "main_output", "block_parameters", "reconstruct_blocks"]
