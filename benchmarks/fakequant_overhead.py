@@ -1,6 +1,6 @@
 """Fake-quantization overhead on a DeiT-S-shaped model (goal: W8A8 forward <= 1.3x the FP forward).
 
-Run: ``.venv/bin/python benchmarks/fakequant_overhead.py [--batch 8 --repeats 7 --rounds 3]``
+Run: ``.venv/bin/python -m benchmarks.fakequant_overhead [--batch 8 --repeats 7 --rounds 3]``
 
 Builds timm ``deit_small_patch16_224`` (random init) and times, in the same process and thread count:
 

@@ -1,0 +1,1 @@
+"""Speed benchmarks: each module prints ratios measured in one run (``python -m benchmarks`` runs all)."""
