@@ -103,6 +103,7 @@ class QuantizerSpec:
             raise ValueError("v1_scale applies to symmetric quantizers only")
         if not 0.0 < self.percentile <= 100.0:
             raise ValueError(f"percentile must be in (0, 100], got {self.percentile}")
+        object.__setattr__(self, "search_percentiles", tuple(float(p) for p in self.search_percentiles))
         if not self.search_percentiles or not all(0.0 < p <= 100.0 for p in self.search_percentiles):
             raise ValueError(f"search_percentiles must be non-empty, each in (0, 100]: "
                              f"{self.search_percentiles}")
@@ -119,7 +120,9 @@ class QuantizerSpec:
             raise ValueError("mse_grid must be >= 1 and mse_min_ratio in (0, 1]")
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        d["search_percentiles"] = list(self.search_percentiles)  # JSON's form, so a round trip is equal
+        return d
 
     @classmethod
     def from_dict(cls, d: dict) -> QuantizerSpec:
