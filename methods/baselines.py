@@ -23,7 +23,7 @@ from methods.data import DataSource, register_source
 from methods.quant.policy import Policy, Rule
 from methods.quant.quantizers import QuantizerSpec
 from methods.quant.target import QuantTarget
-from methods.synth.optimize import Stage
+from methods.synth.optimize import Stage, rescaled_warmup
 from methods.synth.priors import scale_jitter_limit, tv_target_scale
 from methods.synth.pse_generation import generate_pse_images
 
@@ -183,7 +183,7 @@ class PSAQViT(QuantMethod):
             return cfg
         its, warmup = cfg.iterations, cfg.warmup
         if cfg.dense_iterations:  # warm-up scaled with the stage length
-            warmup = max(1, round(cfg.warmup * cfg.dense_iterations / cfg.iterations))
+            warmup = rescaled_warmup(cfg.warmup, cfg.iterations, cfg.dense_iterations)
             its = cfg.dense_iterations
         return dataclasses.replace(cfg, batch_size=cfg.dense_batch_size or cfg.batch_size, iterations=its,
                                    warmup=warmup)

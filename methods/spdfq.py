@@ -37,6 +37,7 @@ from methods.quant.quantizers import QuantizerSpec, UniformQuantizer
 from methods.quant.reconstruct import reconstruct_blocks
 from methods.quant.reparam import reparameterize_post_norm
 from methods.quant.target import QuantTarget
+from methods.synth.optimize import rescaled_warmup
 from methods.synth.priors import scale_jitter_limit, tv_target_scale
 from methods.synth.spdfq_generation import generate_spdfq_images
 
@@ -193,7 +194,7 @@ class SPDFQ(QuantMethod):
             values["num_images"] = cfg.dense_num_images
         if cfg.dense_iterations:  # warm-up scaled with the run length
             values["iterations"] = cfg.dense_iterations
-            values["warmup"] = max(1, round(cfg.warmup * cfg.dense_iterations / cfg.iterations))
+            values["warmup"] = rescaled_warmup(cfg.warmup, cfg.iterations, cfg.dense_iterations)
         ctx.note("spdfq: no class logits; reconstruction covers the backbone's blocks")
         return dataclasses.replace(cfg, **values)
 

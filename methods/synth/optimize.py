@@ -81,6 +81,11 @@ def warmup_cosine_lr(base_lr: float, step: int, warmup: int, total: int) -> floa
     return 0.5 * (1.0 + math.cos(math.pi * (step - warmup) / span)) * base_lr
 
 
+def rescaled_warmup(warmup: int, iterations: int, new_iterations: int) -> int:
+    """The warm-up of an ``iterations``-step schedule carried to ``new_iterations`` steps (at least 1)."""
+    return max(1, round(warmup * new_iterations / iterations))
+
+
 class StagedWarmupCosine(LRScheduler):
     """PSAQ-ViT V1's schedule: every stage restarts :func:`warmup_cosine_lr` from its base lr
     (``stage.lr``, else the optimiser's initial lr) over its own length; the optimiser is not reset.
