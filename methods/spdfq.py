@@ -243,6 +243,9 @@ class SPDFQ(QuantMethod):
                 target.quant_module, built.qmodule, units, images.to(device), lambda m, x: m(x),
                 iterations=cfg.recon_iterations, lr=cfg.recon_lr, progress=ctx.progress,
             )
+        skipped = [u["block"] for u in history if "skipped" in u]
+        if skipped:
+            ctx.note(f"spdfq: not reconstructed (calibrated only): {', '.join(skipped)}")
         freeze(built.qmodule)
         for p in built.model.parameters():
             p.requires_grad_(False)

@@ -58,3 +58,29 @@ def test_reconstruction_lowers_each_blocks_error_and_leaves_fp_alone():
     assert torch.equal(q.blocks[0].norm1.weight, ln_before)  # LayerNorm affine frozen
     assert len(block_parameters(q.blocks[0])) == 8  # qkv, proj, fc1, fc2: weight + bias each
     assert [p.requires_grad for p in q.parameters()] == flags  # trainable flags restored
+
+
+def test_a_block_not_run_or_without_a_tensor_output_is_skipped_and_says_so():
+    class Pair(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = torch.nn.Linear(4, 4)
+
+        def forward(self, x):
+            return ({"a": self.lin(x)},)  # nested: no tensor to fit
+
+    class Net(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.body, self.tail = torch.nn.Linear(4, 4), Pair()
+
+        def forward(self, x):
+            return self.tail(self.body(x))
+
+    fp, q = Net(), Net()
+    fp.spare, q.spare = torch.nn.Linear(4, 4), torch.nn.Linear(4, 4)  # never called by forward
+    history = reconstruct_blocks(fp, q, ["body", "tail", "spare"], torch.randn(3, 4), lambda m, x: m(x),
+                                 iterations=2)
+    assert history[0]["mse_after"] <= history[0]["mse_before"]
+    assert history[1] == {"block": "tail", "skipped": "output is a dict, not a tensor"}
+    assert history[2] == {"block": "spare", "skipped": "not run by the forward"}

@@ -22,6 +22,10 @@ class _Stop(Exception):
     """Raised by a hook once the wanted block input/output is captured: the rest is not run."""
 
 
+class BlockNotRun(RuntimeError):
+    """The block was not called by the forward (e.g. a detection head outside the tensor-mode path)."""
+
+
 @torch.no_grad()
 def capture_call(model: nn.Module, block: nn.Module, images: Tensor, forward: Forward) -> tuple[tuple, Any]:
     """The positional arguments of ``block`` (tensors detached; e.g. mmdet Swin's ``(x, hw_shape)``) and
@@ -40,7 +44,7 @@ def capture_call(model: nn.Module, block: nn.Module, images: Tensor, forward: Fo
     finally:
         handle.remove()
     if not seen:
-        raise RuntimeError("capture: the block did not run in this forward")
+        raise BlockNotRun("capture: the block did not run in this forward")
     return seen[0]
 
 
@@ -108,12 +112,20 @@ def reconstruct_blocks(fp_model: nn.Module, q_model: nn.Module, names: Sequence[
                        forward: Forward, iterations: int, lr: float = 4e-5,
                        progress: Callable[[str], None] | None = None) -> list[dict[str, float]]:
     """Reconstruct the blocks ``names`` (module paths, valid in both models) in order; returns per block
-    the output MSE before and after. The FP model is never changed."""
+    the output MSE before and after (a block the forward does not run, or whose main output is not a
+    tensor, is skipped, and says so). The FP model is never changed."""
     history = []
     for name in names:
         fp_block, q_block = fp_model.get_submodule(name), q_model.get_submodule(name)
-        args, _ = capture_call(q_model, q_block, images, forward)
+        try:
+            args, _ = capture_call(q_model, q_block, images, forward)
+        except BlockNotRun:
+            history.append({"block": name, "skipped": "not run by the forward"})
+            continue
         target = capture(fp_model, fp_block, images, forward, output=True)
+        if not isinstance(target, Tensor):  # e.g. a detection head's nested outputs: no block MSE
+            history.append({"block": name, "skipped": f"output is a {type(target).__name__}, not a tensor"})
+            continue
         first, last = _fit(q_block, args, target, iterations, lr)
         history.append({"block": name, "mse_before": first, "mse_after": last})
         if progress is not None:
@@ -121,4 +133,4 @@ def reconstruct_blocks(fp_model: nn.Module, q_model: nn.Module, names: Sequence[
     return history
 
 
-__all__ = ["capture", "capture_call", "main_output", "block_parameters", "reconstruct_blocks"]
+__all__ = ["BlockNotRun", "capture", "capture_call", "main_output", "block_parameters", "reconstruct_blocks"]
