@@ -104,15 +104,9 @@ class PSEImages(DataSource):
         lims = [scale_jitter_limit(v, spec.image_size, cfg.jitter_reference_size) for v in cfg.jitter_lims]
         stages = [Stage(cfg.iterations, lim, cfg.warmup) for lim in lims]
         hooked = target.quant_module
-        forward: Callable[[Tensor], Tensor]
-        num_classes = None
-        if target.logits is not None:
-            logits_fn = target.logits
-            forward = lambda x: logits_fn(target.model, x)  # noqa: E731
-            num_classes = target.num_classes or infer_classes(forward, target)
-        else:
+        forward, num_classes = class_forward(target)
+        if num_classes is None:
             ctx.note("psaq-vit: task has no class logits; generation drops the CE term (PSE + TV only)")
-            forward = hooked  # output unused: no CE term
         tv_scale = 1.0
         if cfg.tv_scale_to_input:
             tv_scale = tv_target_scale(n, spec.in_chans, spec.image_size)
@@ -129,6 +123,16 @@ class PSEImages(DataSource):
             "loss_first": result.history[0], "loss_last": result.history[-1],
         }
         return result.images
+
+
+def class_forward(target: QuantTarget) -> tuple[Callable[[Tensor], Tensor], int | None]:
+    """What a generator forwards: images -> class logits of the whole model, and the class count; for
+    targets without logits (det/seg) the quant module itself (its output unused) and None."""
+    if target.logits is None:
+        return target.quant_module, None
+    logits_fn = target.logits
+    forward = lambda x: logits_fn(target.model, x)  # noqa: E731
+    return forward, target.num_classes or infer_classes(forward, target)
 
 
 def infer_classes(forward: Callable[[Tensor], Tensor], target: QuantTarget) -> int:

@@ -28,7 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from methods.base import Built, QuantMethod, RunContext, register_method
-from methods.baselines import infer_classes
+from methods.baselines import class_forward
 from methods.data import DataSource, register_source
 from methods.quant.bits import BitSpec
 from methods.quant.modules import QuantConv2d, QuantLinear
@@ -63,14 +63,9 @@ class SemanticPriorImages(DataSource):
         cfg = config
         spec = target.input_spec
         hooked = target.quant_module
-        num_classes = None
-        if target.logits is not None:
-            logits_fn = target.logits
-            forward = lambda x: logits_fn(target.model, x)  # noqa: E731
-            num_classes = target.num_classes or infer_classes(forward, target)
-        else:
+        forward, num_classes = class_forward(target)
+        if num_classes is None:
             ctx.note("spdfq: task has no class logits; generation is APA + TV only (no MSR, no soft labels)")
-            forward = hooked
         lo, hi = cfg.tv_target_range
         tv_target = lo + (hi - lo) * float(torch.rand((), generator=ctx.generator(2)))
         if cfg.tv_scale_to_input:
