@@ -29,7 +29,7 @@ from bench.record import RecordSchemaError
 from bench.runner import RunSummary
 from bench.store import ResultStore, jsonable
 from bench.tables import FORMATS, write_tables
-from methods.base import METHODS, get_method
+from methods.base import METHODS, QuantMethod, get_method
 from methods.data import SOURCES
 from methods.quant.bits import BIT_CANDIDATES, NAMED_SPECS
 from methods.quant.registry import UnknownName
@@ -196,13 +196,13 @@ def cmd_list(args: argparse.Namespace) -> int:
     for name in methods:
         cls = get_method(name)
         rows.append([name, "yes" if cls.data_free else "no", cls.data_source if name != "fp" else "",
-                     ", ".join(cls.profiles()), cls.summary])
+                     mp_allocator(cls), ", ".join(cls.profiles()), cls.summary])
         prov += [[name, comp, level] for comp, level in cls.provenance.items()]
     print(
         "Methods\n"
         + tabulate(
-            rows, headers=["method", "data-free", "data source", "profiles", "summary"],
-            maxcolwidths=[None, None, None, None, 60],
+            rows, headers=["method", "data-free", "data source", "mp allocator", "profiles", "summary"],
+            maxcolwidths=[None, None, None, None, None, 60],
         )
         + "\n"
     )
@@ -236,10 +236,19 @@ def cmd_list(args: argparse.Namespace) -> int:
         + "\n"
     )
     print(
-        f"Bit specs: {', '.join(NAMED_SPECS)}, or wXaY with X, Y in {list(BIT_CANDIDATES)} "
-        f"(method 'fp' always runs at fp; mixed precision mpN is not available yet)"
+        f"Bit specs: {', '.join(NAMED_SPECS)}, or wXaY with X, Y in {list(BIT_CANDIDATES)}; mixed "
+        "precision mpN or mpwXaY (e.g. mp4, mp5, mpw4.9a6.2: parameter-weighted average weight bits <= X, "
+        "element-weighted average activation bits <= Y; per-layer bits from the method's own allocator or "
+        "the generic greedy one, candidates = the config's mp_candidates). Method 'fp' always runs at fp."
     )
     return 0
+
+
+def mp_allocator(cls: type) -> str:
+    """'own' when the method overrides the template's allocate hook, else 'generic' ('' for fp)."""
+    if not cls.quantizes:
+        return ""
+    return "own" if cls.allocate is not QuantMethod.allocate else "generic"
 
 
 def _grid_args(p: argparse.ArgumentParser, regress: bool) -> None:

@@ -7,7 +7,9 @@ Schema history:
 1. the first layout (issues 1-10);
 2. ``synthetic_sha256`` renamed ``image_sha256`` (real calibration batches are hashed too); new
    ``data_sources`` (label -> source name, image count, data-free, cached) and ``galleries``
-   (label -> PNG path); the resolved bits come from the method's ``QuantResult``.
+   (label -> PNG path); the resolved bits come from the method's ``QuantResult``;
+3. new ``cost`` (per image: MACs, BOPs, average weight / activation bits; model size in MB) and
+   ``plots`` (name -> PNG path, e.g. the per-layer bit-width plot of a mixed-precision job).
 """
 
 from __future__ import annotations
@@ -17,8 +19,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-SCHEMA_VERSION = 2
-READABLE_SCHEMAS = (1, 2)
+SCHEMA_VERSION = 3
+READABLE_SCHEMAS = (1, 2, 3)
 
 
 class RecordSchemaError(ValueError):
@@ -49,6 +51,7 @@ class Record:
     peak_memory_mb: float
     peak_memory_method: str
     model_size_bits: int  # of the quantized part, with the resolved per-layer bits
+    cost: dict[str, Any] | None  # per image of the quantized part: macs, bops, w/a average bits, size_mb
     bit_spec: dict[str, Any]  # the BitSpec asked for (name, w, a)
     layer_bits: dict[str, Any]  # resolved per-layer (w, a) bits
     policy: dict[str, Any] | None  # the placement policy as data
@@ -60,6 +63,7 @@ class Record:
     data_sources: dict[str, Any]  # label -> {source, images, data_free, cached}
     image_sha256: dict[str, str]  # label -> SHA-256 of the image batch
     galleries: dict[str, str]  # label -> PNG path
+    plots: dict[str, str]  # name -> PNG path (layer_bits: per-layer bit-widths of an mp job)
     extra: dict[str, Any]  # method-specific diagnostics
     notes: list[str]
     created: str  # UTC ISO time
@@ -89,7 +93,14 @@ def _upgrade_1(rec: dict[str, Any]) -> dict[str, Any]:
     return rec
 
 
-_UPGRADES = {1: _upgrade_1}
+def _upgrade_2(rec: dict[str, Any]) -> dict[str, Any]:
+    rec.setdefault("cost", None)  # not measured by the version that wrote it
+    rec.setdefault("plots", {})
+    rec["schema"] = 3
+    return rec
+
+
+_UPGRADES = {1: _upgrade_1, 2: _upgrade_2}
 
 
 def read_record(raw: Mapping[str, Any], where: str = "record") -> dict[str, Any]:

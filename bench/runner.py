@@ -25,11 +25,13 @@ from torch import nn
 
 from bench.env import environment
 from bench.grid import Job
+from bench.plots import plot_layer_bits
 from bench.progress import Reporter, make_reporter
 from bench.record import Record
 from bench.store import ResultStore, jsonable
 from methods.base import QuantMethod, RunContext, get_method
 from methods.quant.bits import BitSpec, parse_bits
+from methods.quant.mixed import average_bits, bops, site_costs
 from methods.quant.policy import model_size_bits
 from tasks.base import Task, TaskError
 
@@ -101,6 +103,19 @@ def _model_size_bits(model: nn.Module, quant_path: str, bits: BitSpec) -> int:
     return int(model_size_bits(module, bits))
 
 
+def _cost(model: nn.Module, quant_path: str, bits: BitSpec, size_bits: int, input_shape: tuple[int, ...],
+          device: torch.device) -> dict[str, Any]:
+    """Per-image MACs, BOPs and average bits of the quantized part (one forward of a blank image:
+    the counts depend on shapes only), and its size in MB (2^20 bytes)."""
+    module = model.get_submodule(quant_path) if quant_path else model
+    x = torch.zeros(input_shape, device=device)
+    with torch.no_grad():
+        costs = site_costs(module, lambda: model(x), 1)
+    w_avg, a_avg = average_bits(costs, bits.layers)
+    return {"macs": sum(c.macs for c in costs.values()), "bops": bops(costs, bits.layers),
+            "w_avg_bits": w_avg, "a_avg_bits": a_avg, "size_mb": size_bits / 8 / 2**20}
+
+
 def _delta(metrics: Mapping[str, float], fp: Mapping[str, float] | None) -> dict[str, float] | None:
     if not fp:
         return None
@@ -166,6 +181,13 @@ def run_job(
     target, metrics, result = m["target"], m["metrics"], m["result"]
 
     size = _model_size_bits(result.model, target.quant_path, result.resolved_bits)
+    cost = _cost(result.model, target.quant_path, result.resolved_bits, size, target.input_spec.shape(1),
+                 device)
+    plots: dict[str, str] = {}
+    if result.resolved_bits.is_mixed:
+        title = f"{job.job_id}: average bits w {cost['w_avg_bits'] or 0:.2f}, a {cost['a_avg_bits'] or 0:.2f}"
+        png = plot_layer_bits(result.resolved_bits.layers, ctx.artifacts_dir / "layer_bits.png", title)
+        plots["layer_bits"] = str(png)
     notes: list[str] = []
     if job.is_fp:
         fp_metrics = metrics
@@ -190,6 +212,7 @@ def run_job(
         peak_memory_mb=round(m["peak_mb"], 2),
         peak_memory_method=m["memory_method"],
         model_size_bits=size,
+        cost=cost,
         bit_spec={k: v for k, v in bit_record.items() if k != "layers"},
         layer_bits=bit_record["layers"],
         policy=result.policy,
@@ -213,6 +236,7 @@ def run_job(
         data_sources=dict(ctx.data_sources),
         image_sha256=dict(ctx.image_hashes),
         galleries=dict(ctx.galleries_written),
+        plots=plots,
         extra=dict(ctx.extra),
         notes=[*result.notes, *ctx.notes, *notes],
         created=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),

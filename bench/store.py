@@ -193,6 +193,8 @@ def records_frame(records: Iterable[Mapping[str, Any]]) -> pd.DataFrame:
         row["created"] = r.get("created")
         row["model_size_bits"] = r.get("model_size_bits")
         row["peak_memory_mb"] = r.get("peak_memory_mb")
+        for name, value in (r.get("cost") or {}).items():
+            row[f"cost.{name}"] = value
         for phase, seconds in (r.get("timings") or {}).items():
             row[f"time.{phase}"] = seconds
         for name, value in (r.get("metrics") or {}).items():

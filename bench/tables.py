@@ -24,6 +24,12 @@ from methods.quant.bits import BitSpecError, parse_bits
 FORMATS = ("md", "csv", "tex")
 MINI_NOTE = "Mini-dataset results: regression baselines for CI on the mini data, not paper numbers."
 CELL_NOTE = "Cells: value (Δ to FP); mean ± std (sample std, n-1) over seeds when there are several."
+COST_NOTE = (
+    "Cost cells: model size of the quantized part in MB (2^20 bytes; quantized weights at their bits, "
+    "everything else at 32) / GBOPs per image (Σ MACs · w-bits · a-bits) / average weight and "
+    "activation bits (parameter- and element-weighted); means over seeds (a mixed-precision allocation "
+    "may differ by seed)."
+)
 NOISE_ALPHA = 0.05
 BEST_MARK, TIE_MARK = "*", "~"
 NOISE_NOTE = (
@@ -39,6 +45,8 @@ def _bits_order(name: str) -> tuple:
         b = parse_bits(name)
     except BitSpecError:
         return (1, 0, 0, name)
+    if b.is_mixed:  # beside the uniform spec of the same budget
+        return (0, sum(b.mixed), b.mixed[0], name)
     return (0, (b.w_bits or 32) + (b.a_bits or 32), b.w_bits or 32, name)
 
 
@@ -147,6 +155,45 @@ def build_table(df: pd.DataFrame, metric: str) -> pd.DataFrame:
     return table
 
 
+def _cost_cell(rows: pd.DataFrame) -> str:
+    def mean(col: str) -> float | None:
+        vals = [float(v) for v in rows[col].tolist() if v is not None and not math.isnan(v)] \
+            if col in rows else []
+        return statistics.fmean(vals) if vals else None
+
+    size, gbops = mean("cost.size_mb"), mean("cost.bops")
+    if size is None or gbops is None:
+        return MISSING
+    text = f"{size:.3f} / {gbops / 1e9:.3g}"
+    w, a = mean("cost.w_avg_bits"), mean("cost.a_avg_bits")
+    if w is not None or a is not None:
+        text += f" / w{w or 32:.2f} a{a or 32:.2f}"
+    return text
+
+
+def build_cost_table(df: pd.DataFrame) -> pd.DataFrame:
+    """Size (MB) / GBOPs / average bits per method × (model, bits) of one slice (records with costs)."""
+    df = _latest(df)
+    if "cost.bops" not in df:
+        return pd.DataFrame()
+    df = df[df["cost.bops"].notna()]
+    if df.empty:
+        return pd.DataFrame()
+    df = df.assign(label=_model_labels(df))
+    models = sorted(df["label"].unique())
+    bits = sorted(df.loc[df["method"] != FP_METHOD, "bits"].unique(), key=_bits_order)
+    methods = sorted(m for m in df["method"].unique() if m != FP_METHOD) or [FP_METHOD]
+    columns = [f"{m} {b}" for m in models for b in ["FP", *bits]]
+    table = pd.DataFrame(MISSING, index=pd.Index(methods, name="method"), columns=columns)
+    for model in models:
+        rows = df[df["label"] == model]
+        fp_rows = rows[rows["method"] == FP_METHOD]
+        table[f"{model} FP"] = _cost_cell(fp_rows).split(" / w")[0] if len(fp_rows) else MISSING
+        for (method, b), cell in rows[rows["method"] != FP_METHOD].groupby(["method", "bits"]):
+            table.loc[method, f"{model} {b}"] = _cost_cell(cell)
+    return table
+
+
 def _slices(df: pd.DataFrame) -> Iterable[tuple[str, pd.DataFrame]]:
     for profile, part in df.groupby("profile", sort=True, dropna=False):
         yield str(profile), part
@@ -182,8 +229,9 @@ def render(df: pd.DataFrame, task: str, dataset: str, formats: Sequence[str] = F
         md.append(f"> {note}\n")
         tex.append(f"% {note}")
     for profile, part in _slices(df):
-        for metric in metric_names(part):
-            table = build_table(part, metric)
+        tables = [(metric, build_table(part, metric)) for metric in metric_names(part)]
+        tables.append(("size_mb/gbops/avg_bits", build_cost_table(part)))
+        for metric, table in tables:
             if table.empty:
                 continue
             title = f"{task} · {dataset} · {metric} (profile {profile})"
@@ -196,8 +244,8 @@ def render(df: pd.DataFrame, task: str, dataset: str, formats: Sequence[str] = F
             flat.insert(0, "dataset", dataset)
             flat.insert(0, "task", task)
             csv_parts.append(flat)
-    md.append(f"_{CELL_NOTE} {NOISE_NOTE}_\n")
-    tex.append(f"% {CELL_NOTE} {NOISE_NOTE}")
+    md.append(f"_{CELL_NOTE} {NOISE_NOTE} {COST_NOTE}_\n")
+    tex.append(f"% {CELL_NOTE} {NOISE_NOTE} {COST_NOTE}")
     out: dict[str, str] = {}
     if "md" in formats:
         out["md"] = "\n".join(md)

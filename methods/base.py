@@ -7,6 +7,8 @@ the one driver; a method file implements the hooks it needs, in the order they r
 2. ``calibration_data(target, ctx)``: its images, from the data source named by the config's
    ``data_source`` field or else the method's ``data_source`` (real images for PTQ, the method's
    generator for data-free methods); the harness caches, times, hashes and galleries them;
+   ``allocate(target, bits, images, ctx)`` (mixed-precision specs only): the per-layer bits, by the
+   harness's generic greedy allocator on these same images unless the method has its own;
 3. ``build(target, bits, ctx)``: the quantized copy (``policy(target)`` applied to the quant module);
 4. ``calibrate(built, images, target, ctx)``: activation ranges (default: one pass, then freeze);
 5. ``finetune(built, images, target, bits, ctx)``: training after calibration (default: none).
@@ -36,8 +38,19 @@ import torch
 from torch import Tensor, nn
 
 from methods.data import GALLERY_IMAGES, SOURCES, obtain
-from methods.quant.bits import BitSpec
-from methods.quant.policy import Policy, apply_policy, calibrate, freeze
+from methods.quant.bits import BIT_CANDIDATES, BitSpec
+from methods.quant.mixed import (
+    DownstreamForward,
+    SiteBits,
+    Unit,
+    block_index,
+    greedy_allocate,
+    kl_loss,
+    relative_mse_loss,
+    site_costs,
+)
+from methods.quant.policy import Policy, apply_policy, calibrate, freeze, site_kind
+from methods.quant.reconstruct import block_units
 from methods.quant.registry import Registry
 from methods.quant.target import QuantTarget
 from methods.synth.artifacts import save_image_grid, tensor_sha256
@@ -99,6 +112,14 @@ class RunContext:
         if text not in self.notes:
             self.notes.append(text)
             self.log.info(text)
+
+
+@dataclass
+class MethodConfig:
+    """Fields every quantizing method's Config has (its dataclass inherits this)."""
+
+    # mixed precision (mpN specs): the bit-widths the allocator may give a layer's weights / activations
+    mp_candidates: tuple[int, ...] = BIT_CANDIDATES
 
 
 @dataclass
@@ -167,6 +188,9 @@ class QuantMethod:
             return QuantResult(target.model, fp, None, ["the task's FP model, unchanged"])
         method = type(self)(self.target_config(target, ctx))
         images = method.calibration_data(target, ctx)
+        if not bits.is_allocated:
+            with ctx.timer("allocation"):
+                bits = method.allocate(target, bits, images, ctx)
         built = method.build(target, bits, ctx)
         with ctx.timer("calibration"):
             method.calibrate(built, images, target, ctx)
@@ -198,6 +222,22 @@ class QuantMethod:
             ctx.note(f"{self.name}: data_source={name!r} uses real images: this run is not data-free")
         return obtain(name, target, n, config, ctx).images
 
+    def mp_candidates(self) -> tuple[int, ...]:
+        """The bit-widths a mixed-precision allocation may choose from (config field ``mp_candidates``)."""
+        return tuple(sorted(int(b) for b in getattr(self.config, "mp_candidates", BIT_CANDIDATES)))
+
+    def allocate(self, target: QuantTarget, bits: BitSpec, images: Tensor, ctx: RunContext) -> BitSpec:
+        """Per-layer bits for a mixed spec: the harness's generic greedy allocator. Sensitivity is
+        measured on a probe copy built by this method at the largest candidate and calibrated (one
+        pass, quantized weights) on ``images``: the method's own calibration data, so a data-free
+        method's allocation never sees real images. Then the method runs as usual with the map."""
+        start = max(self.mp_candidates())
+        probe = self.build(target, BitSpec(f"w{start}a{start}", start, start), ctx)
+        x = images.to(next(probe.model.parameters()).device)
+        calibrate(probe.qmodule, [x], forward=lambda _m, b: probe.model(b), weights_quantized=True)
+        return allocate_bits(self, probe, target, bits, x, SiteBits(probe.qmodule), ctx, mode="lazy",
+                             allocator="generic")
+
     def num_images(self, target: QuantTarget) -> int:
         """How many calibration images the method asks its source for."""
         return int(self.config.num_images)
@@ -225,6 +265,88 @@ class QuantMethod:
     def finetune(self, built: Built, images: Tensor, target: QuantTarget, bits: BitSpec,
                  ctx: RunContext) -> None:
         """Training after calibration, in place on ``built`` (default: none)."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Mixed precision: the greedy allocation on a calibrated probe (shared by the generic allocator and
+# methods with their own, which pass their own way of setting a unit's bits)
+
+
+def fixed_sites(built: Built) -> dict[str, tuple[bool, bool]]:
+    """Sites whose weight / activation bits a policy rule fixes (``*_bits_override``): path ->
+    (weights fixed, activations fixed)."""
+    if built.policy is None:
+        return {}
+    policy = Policy.from_dict(built.policy)
+    out = {}
+    for path in built.resolved_bits.layers:
+        m = built.qmodule.get_submodule(path)
+        rule = policy.rule_for(site_kind(m), path, getattr(m, "role", None))
+        if rule is not None and (rule.w_bits_override is not None or rule.a_bits_override is not None):
+            out[path] = (rule.w_bits_override is not None, rule.a_bits_override is not None)
+    return out
+
+
+def allocate_bits(method: QuantMethod, probe: Built, target: QuantTarget, bits: BitSpec, images: Tensor,
+                  set_bits: Callable[[Unit, int], None], ctx: RunContext, mode: str = "lazy",
+                  allocator: str = "generic") -> BitSpec:
+    """Greedy-allocate ``bits``' budget over the sites of a calibrated ``probe`` (every unit at the
+    largest candidate); returns ``bits`` with the per-layer map and records the allocation in
+    ``ctx.extra["mixed_precision"]``."""
+    cands = method.mp_candidates()
+    start = max(cands)
+    layers = dict(probe.resolved_bits.layers)
+    qmod, model = probe.qmodule, probe.model
+    if target.logits is not None:
+        logits = target.logits
+        with torch.no_grad():
+            loss_fn = kl_loss(logits(target.model, images))
+        out, loss_name = (lambda: logits(model, images)), "KL(FP || quantized) of the logits"
+    else:
+        with torch.no_grad():
+            loss_fn = relative_mse_loss(target.quant_module(images))
+        out, loss_name = (lambda: qmod(images)), "relative MSE of the quant module's output (no logits)"
+    costs = site_costs(qmod, lambda: out(), images.shape[0])
+    blocks = block_units(qmod)
+    runner = DownstreamForward(qmod, blocks, out)
+    fixed_flags = fixed_sites(probe)
+    units, fixed, not_run = [], {"w": [0.0, 0.0], "a": [0.0, 0.0]}, []
+    for path, (w, a) in layers.items():
+        c = costs[path]
+        fw, fa = fixed_flags.get(path, (False, False))
+        run = c.macs > 0 or c.act_elements > 0
+        if not run:
+            not_run.append(path)
+        for kind, b, count, is_fixed in (("w", w, c.weights, fw), ("a", a, c.act_elements, fa)):
+            if b is None or not count:
+                continue
+            if is_fixed or not run or b != start:
+                fixed[kind][0] += count * b
+                fixed[kind][1] += count
+            else:
+                units.append(Unit(path, kind, count, block_index(path, blocks)))
+
+    def loss(unit: Unit | None) -> float:
+        return loss_fn(runner.refresh() if unit is None else runner.run(unit.block))
+
+    result = greedy_allocate(units, bits.mixed, cands, set_bits, loss,
+                             fixed={k: (v[0], v[1]) for k, v in fixed.items()}, mode=mode,
+                             progress=ctx.progress)
+    for u, b in result.bits.items():
+        w, a = layers[u.path]
+        layers[u.path] = (b, a) if u.kind == "w" else (w, b)
+    ctx.extra["mixed_precision"] = {
+        "allocator": allocator, "greedy": mode, "candidates": list(cands), "start_bits": start,
+        "budget": list(bits.mixed), "averages": list(result.averages), "loss": loss_name,
+        "loss_start": result.loss_start, "loss_end": result.loss_end, "steps": len(result.steps),
+        "trials": result.trials, "forward_equivalents": round(runner.forwards, 2),
+        "sensitivity_data": dict(ctx.data_sources.get("calibration", {})),
+        "fixed_sites": sorted(fixed_flags), "not_run_sites": sorted(not_run), "units": len(units),
+        "history": result.steps,
+    }
+    ctx.note(f"{method.name}: {allocator} mixed-precision allocation ({mode} greedy over {len(units)} "
+             f"units, candidates {list(cands)}) on its own calibration images")
+    return bits.with_layers(layers)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from methods.base import QuantMethod, RunContext, register_method
+from methods.base import MethodConfig, QuantMethod, RunContext, register_method
 from methods.data import DataSource, register_source
 from methods.quant.policy import Policy, Rule
 from methods.quant.quantizers import QuantizerSpec
@@ -211,13 +211,13 @@ class FullPrecisionConfig:
 
 
 @dataclass
-class PTQConfig:
+class PTQConfig(MethodConfig):
     num_images: int = 32  # V1 test_quant.py: one batch of 32 images
     data_source: str | None = None  # None: the method's own ("real" / "noise")
 
 
 @dataclass
-class PSAQViTConfig:
+class PSAQViTConfig(MethodConfig):
     batch_size: int = 32
     iterations: int = 500  # per stage
     warmup: int = 100  # per stage

@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from methods.base import Built, QuantMethod, RunContext, quant_module, register_method
+from methods.base import Built, MethodConfig, QuantMethod, RunContext, quant_module, register_method
 from methods.baselines import infer_classes
 from methods.data import DataSource, register_source
 from methods.losses import head_structural_distill_loss
@@ -354,7 +354,7 @@ class MimiQ(QuantMethod):
 
 
 @dataclass
-class MimiQConfig:
+class MimiQConfig(MethodConfig):
     # generation (spec 1.3)
     num_images: int = 10000
     gen_batch_size: int = 16

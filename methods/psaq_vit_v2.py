@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from methods.base import Built, QuantMethod, RunContext, register_method
+from methods.base import Built, MethodConfig, QuantMethod, RunContext, register_method
 from methods.baselines import psaq_drop_tokens, psaq_v1_policy
 from methods.data import DataSource, register_source
 from methods.quant.bits import BitSpec
@@ -325,7 +325,7 @@ class PSAQViTV2(QuantMethod):
 
 
 @dataclass
-class PSAQViTV2Config:
+class PSAQViTV2Config(MethodConfig):
     # initial calibration batch (spec 2.6-A2: V1 generator, CE removed)
     batch_size: int = 32
     init_iterations: int = 500  # per stage, 2 stages as V1

@@ -27,14 +27,14 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from methods.base import Built, QuantMethod, RunContext, register_method
+from methods.base import Built, MethodConfig, QuantMethod, RunContext, register_method
 from methods.baselines import class_forward
 from methods.data import DataSource, register_source
 from methods.quant.bits import BitSpec
-from methods.quant.modules import QuantConv2d, QuantLinear
+from methods.quant.modules import QuantLinear
 from methods.quant.policy import Policy, Rule, calibrate, freeze, set_mode
 from methods.quant.quantizers import QuantizerSpec, UniformQuantizer
-from methods.quant.reconstruct import reconstruct_blocks
+from methods.quant.reconstruct import block_units, flatten_output, reconstruct_blocks
 from methods.quant.reparam import reparameterize_post_norm
 from methods.quant.target import QuantTarget
 from methods.synth.optimize import rescaled_warmup
@@ -140,34 +140,6 @@ def fold_sites(module: nn.Module) -> list[tuple[str, str]]:
     return sites
 
 
-def reconstruction_units(module: nn.Module) -> list[str]:
-    """The modules reconstructed one after another, in module (= execution) order: the patch embedding,
-    every transformer block and patch merging, and any other direct child holding quantized layers
-    (the classification heads)."""
-    def is_unit(m: nn.Module) -> bool:
-        name = type(m).__name__
-        return name.endswith("Block") or name in ("PatchEmbed", "PatchMerging")
-
-    def has_quant(m: nn.Module) -> bool:
-        return any(isinstance(s, QuantLinear | QuantConv2d) for s in m.modules())
-
-    units = [p for p, m in module.named_modules() if p and is_unit(m) and has_quant(m)]
-    for name, child in module.named_children():
-        covered = any(u == name or u.startswith(name + ".") for u in units)
-        if not covered and has_quant(child):
-            units.append(name)
-    order = {p: i for i, (p, _) in enumerate(module.named_modules())}
-    return sorted(units, key=order.__getitem__)
-
-
-def _flat(out: Any) -> Tensor:
-    """A model output (tensor, or nested tuples / lists / dicts of tensors) as one flat tensor."""
-    if isinstance(out, Tensor):
-        return out.reshape(-1)
-    items = out.values() if isinstance(out, dict) else out
-    return torch.cat([_flat(o) for o in items])
-
-
 # ---------------------------------------------------------------------------------------------
 # The method
 
@@ -211,11 +183,11 @@ class SPDFQ(QuantMethod):
         probe = x[:4]
         set_mode(qmod, "off")
         with torch.no_grad():
-            before = _flat(qmod(probe))
+            before = flatten_output(qmod(probe))
         folded = {layer: reparameterize_post_norm(qmod.get_submodule(norm), qmod.get_submodule(layer))
                   for norm, layer in fold_sites(qmod)}
         with torch.no_grad():
-            after = _flat(qmod(probe))
+            after = flatten_output(qmod(probe))
         set_mode(qmod, "quant")
         error = float((after - before).abs().max() / before.abs().max().clamp_min(1e-12))
         if error > 1e-4:
@@ -231,7 +203,7 @@ class SPDFQ(QuantMethod):
         cfg = self.config
         if not cfg.reconstruct or cfg.recon_iterations <= 0:
             return
-        units = reconstruction_units(built.qmodule)
+        units = block_units(built.qmodule)
         device = next(built.model.parameters()).device
         with ctx.timer("reconstruction"):
             history = reconstruct_blocks(
@@ -253,7 +225,7 @@ class SPDFQ(QuantMethod):
 
 
 @dataclass
-class SPDFQConfig:
+class SPDFQConfig(MethodConfig):
     # Stage A: generation (spec 2.3)
     num_images: int = 32
     iterations: int = 1000
@@ -342,5 +314,5 @@ SPDFQ_PROVENANCE = {
 register_method("spdfq", config=SPDFQConfig, profiles=SPDFQ_PROFILES, provenance=SPDFQ_PROVENANCE)(SPDFQ)
 
 __all__ = [
-    "SPDFQ", "SPDFQConfig", "SemanticPriorImages", "spdfq_policy", "fold_sites", "reconstruction_units",
+    "SPDFQ", "SPDFQConfig", "SemanticPriorImages", "spdfq_policy", "fold_sites",
 ]

@@ -108,8 +108,8 @@ def test_subprocess_task_error_is_one_line(tmp_path):
         (["--tasks", "toy", "--profile", "turbo"], "error: unknown profile 'turbo'; valid: ci, fast, paper"),
         (["--tasks", "toy", "--dataset", "imagenet"], "error: unknown dataset 'imagenet'; valid: mini, full"),
         (
-            ["--tasks", "toy", "--bits", "mp4"],
-            "error: bit spec 'mp4': mixed precision (mpN) is not available yet",
+            ["--tasks", "toy", "--bits", "mp9"],
+            "error: bit spec 'mp9': mixed-precision budget 9 outside [2, 8]",
         ),
         (["--tasks", "toy", "--bits", "w4"], "error: unknown bit spec 'w4'; valid: fp, w4a4"),
         (["--tasks", "toy", "--seeds", "0,x"], "error: invalid --seeds '0,x'"),

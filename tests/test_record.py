@@ -17,7 +17,7 @@ def make_record(**over) -> dict:
                   task="cls", dataset="mini", bits="fp", seed=0, profile="ci", metrics={"top1": 90.0},
                   timings={}, peak_memory_mb=1.0, peak_memory_method="rss", model_size_bits=8, bit_spec={},
                   layer_bits={}, target={}, method_info={}, environment={}, data_sources={}, image_sha256={},
-                  galleries={}, extra={}, notes=[], created="2026-12-01T00:00:00+00:00",
+                  galleries={}, plots={}, extra={}, notes=[], created="2026-12-01T00:00:00+00:00",
                   schema=SCHEMA_VERSION)
     values.update(over)
     return Record(**values).to_dict()
@@ -37,10 +37,21 @@ def test_schema_1_is_upgraded():
     old["synthetic_sha256"] = old.pop("image_sha256") | {"calibration": "ab" * 32}
     for name in ("data_sources", "galleries", "data"):
         old.pop(name)
+    for name in ("cost", "plots"):
+        old.pop(name)
     new = read_record(old)
-    assert new["schema"] == 2 and new["image_sha256"] == {"calibration": "ab" * 32}
+    assert new["schema"] == SCHEMA_VERSION and new["image_sha256"] == {"calibration": "ab" * 32}
     assert new["data_sources"] == {} and new["galleries"] == {} and new["data"] is None
     assert "synthetic_sha256" not in new
+
+
+def test_schema_2_is_upgraded_without_costs():
+    old = make_record()
+    old["schema"] = 2
+    for name in ("cost", "plots"):
+        old.pop(name)
+    new = read_record(old)
+    assert new["schema"] == 3 and new["cost"] is None and new["plots"] == {}
 
 
 def test_unknown_schema_is_rejected_in_one_line(tmp_path):

@@ -13,7 +13,8 @@ from methods.data import SOURCES
 from methods.quant.bits import parse_bits
 from methods.quant.policy import apply_policy, calibrate, quantizers, set_mode
 from methods.quant.quantizers import UniformQuantizer
-from methods.spdfq import fold_sites, reconstruction_units, spdfq_policy
+from methods.quant.reconstruct import block_units
+from methods.spdfq import fold_sites, spdfq_policy
 from methods.synth.artifacts import tensor_sha256
 
 torch.set_num_threads(1)
@@ -35,8 +36,8 @@ def test_fold_sites_and_units_of_timm_models():
     assert fold_sites(vit) == [(f"blocks.{i}.{n}", f"blocks.{i}.{l}") for i in (0, 1)
                                for n, l in (("norm1", "attn.qkv"), ("norm2", "mlp.fc1"))]
     assert len(fold_sites(swin)) == 9  # 4 blocks x 2 + the patch merging's norm -> reduction
-    assert reconstruction_units(vit) == ["patch_embed", "blocks.0", "blocks.1", "head"]
-    assert reconstruction_units(swin) == [
+    assert block_units(vit) == ["patch_embed", "blocks.0", "blocks.1", "head"]
+    assert block_units(swin) == [
         "patch_embed", "layers.0.blocks.0", "layers.0.blocks.1", "layers.1.downsample",
         "layers.1.blocks.0", "layers.1.blocks.1", "head",
     ]
@@ -98,7 +99,7 @@ def test_spdfq_runs_folds_reconstructs_and_is_deterministic(family, tmp_path):
     assert ctx_a.extra["reparameterization"]["folded"] == (4 if family == "vit" else 9)
     assert ctx_a.extra["reparameterization"]["fp_relative_error"] < 1e-5
     units = ctx_a.extra["reconstruction"]["units"]
-    assert [u["block"] for u in units] == reconstruction_units(a.model)
+    assert [u["block"] for u in units] == block_units(a.model)
     assert sum(u["mse_after"] for u in units) < sum(u["mse_before"] for u in units)
     c, ctx_c, _ = _run(build(), family, seed=1, tmp_path=tmp_path / "c")
     assert ctx_c.image_hashes != ctx_a.image_hashes

@@ -15,6 +15,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from methods.quant.modules import QuantConv2d, QuantLinear
+
 Forward = Callable[[nn.Module, Tensor], Any]
 
 
@@ -59,6 +61,35 @@ def main_output(out: Any) -> Tensor:
     """A block's main tensor: the output itself, or the first element of a tuple such as mmdet's
     ``(x, hw_shape)`` from PatchEmbed / PatchMerging."""
     return out[0] if isinstance(out, tuple | list) else out
+
+
+def flatten_output(out: Any) -> Tensor:
+    """A model output (tensor, or nested tuples / lists / dicts of tensors) as one flat tensor."""
+    if isinstance(out, Tensor):
+        return out.reshape(-1)
+    items = out.values() if isinstance(out, dict) else out
+    return torch.cat([flatten_output(o) for o in items])
+
+
+def block_units(module: nn.Module) -> list[str]:
+    """The modules treated one after another, in module (= execution) order: the patch embedding,
+    every transformer block and patch merging, and any other direct child holding quantized layers
+    (the classification heads). Block reconstruction fits them in turn; the mixed-precision
+    allocator caches their outputs."""
+    def is_unit(m: nn.Module) -> bool:
+        name = type(m).__name__
+        return name.endswith("Block") or name in ("PatchEmbed", "PatchMerging")
+
+    def has_quant(m: nn.Module) -> bool:
+        return any(isinstance(s, QuantLinear | QuantConv2d) for s in m.modules())
+
+    units = [p for p, m in module.named_modules() if p and is_unit(m) and has_quant(m)]
+    for name, child in module.named_children():
+        covered = any(u == name or u.startswith(name + ".") for u in units)
+        if not covered and has_quant(child):
+            units.append(name)
+    order = {p: i for i, (p, _) in enumerate(module.named_modules())}
+    return sorted(units, key=order.__getitem__)
 
 
 def _detach(out: Any) -> Any:
