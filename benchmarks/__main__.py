@@ -1,6 +1,7 @@
 """Run every benchmark with its defaults, one after another: ``python -m benchmarks``.
 
-One benchmark: ``python -m benchmarks.fakequant_overhead`` or ``python -m benchmarks.spdfq_cost``
+One benchmark: ``python -m benchmarks.fakequant_overhead``, ``python -m benchmarks.spdfq_cost`` or
+``python -m benchmarks.scale_search_cost``
 (``--help`` for each one's options). Targets are ratios measured in the same run, never wall times.
 """
 
@@ -8,9 +9,13 @@ from __future__ import annotations
 
 import sys
 
-from benchmarks import fakequant_overhead, spdfq_cost
+from benchmarks import fakequant_overhead, scale_search_cost, spdfq_cost
 
-BENCHMARKS = {"fakequant_overhead": fakequant_overhead.main, "spdfq_cost": spdfq_cost.main}
+BENCHMARKS = {
+    "fakequant_overhead": fakequant_overhead.main,
+    "spdfq_cost": spdfq_cost.main,
+    "scale_search_cost": scale_search_cost.main,
+}
 
 
 def main() -> int:

@@ -19,7 +19,9 @@ from methods.quant.qfunc import (
     uniform_params,
 )
 
-KINDS = ("uniform", "log2", "log_sqrt2")
+KINDS = ("uniform", "log2", "log_sqrt2", "twin_gelu", "twin_softmax", "outlier_2sf")
+# Two-scale kinds (methods.quant.twin_quantizers): per-tensor, their own fixed parameterisation.
+TWO_SCALE_KINDS = ("twin_gelu", "twin_softmax", "outlier_2sf")
 RANGES = ("minmax", "percentile", "mse", "lsq", "dynamic", "percentile_mse")
 MODES = ("off", "calibrate", "quant")
 LSQ_INITS = ("minmax", "lsq")
@@ -75,6 +77,10 @@ class QuantizerSpec:
     (fastest; the default), ``"divide"`` ``x/s + zp`` (PSAQ-ViT V1's released code), ``"zeroq"``
     ``x·((2^b-1)/(2·max|x|))`` and back by division (ZeroQ / MimiQ's released symmetric weights; needs
     ``v1_scale`` and ``range='dynamic'``). See :data:`methods.quant.qfunc.ARITHMETIC`.
+    Two-scale kinds (:mod:`methods.quant.twin_quantizers`): ``"twin_gelu"`` / ``"twin_softmax"``
+    (PTQ4ViT's post-GELU / post-softmax twin uniform) and ``"outlier_2sf"`` (reconstructed O-2SF, outlier
+    channels of the last axis at ``Δ·2^t``, ``t <= outlier_max_shift``); they are per-tensor with
+    ``range="minmax"`` and take no symmetric / v1_scale flag (their sign handling is fixed).
     """
 
     kind: str = "uniform"
@@ -91,10 +97,17 @@ class QuantizerSpec:
     include_zero: bool = True
     arith: str = "reciprocal"
     search_percentiles: tuple[float, ...] = (99.9, 99.99, 99.999)
+    outlier_max_shift: int = 5
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
             raise ValueError(f"QuantizerSpec.kind {self.kind!r} not in {KINDS}")
+        if self.kind in TWO_SCALE_KINDS and (self.symmetric or self.v1_scale or self.per_channel
+                                             or self.range != "minmax"):
+            raise ValueError(f"{self.kind} quantizers are per-tensor with range='minmax' and no "
+                             "symmetric / v1_scale flag")
+        if self.outlier_max_shift < 1:
+            raise ValueError(f"outlier_max_shift must be >= 1, got {self.outlier_max_shift}")
         if self.range not in RANGES:
             raise ValueError(f"QuantizerSpec.range {self.range!r} not in {RANGES}")
         if self.kind != "uniform" and (self.symmetric or self.range == "lsq" or self.v1_scale):

@@ -45,10 +45,17 @@ from methods.quant.qfunc import (
     minmax,
     percentile_range,
 )
+from methods.quant.twin_quantizers import (  # noqa: F401 - re-exported through make_quantizer
+    TWO_SCALE_QUANTIZERS,
+    Outlier2SFQuantizer,
+    TwinGeluQuantizer,
+    TwinSoftmaxQuantizer,
+)
 
 __all__ = [
     "KINDS", "LSQ_INITS", "MODES", "RANGES", "FakeQuantizer", "LSQQuantizer", "Log2Quantizer",
-    "QuantizerSpec", "StateKey", "UniformQuantizer", "make_quantizer",
+    "Outlier2SFQuantizer", "QuantizerSpec", "StateKey", "TwinGeluQuantizer", "TwinSoftmaxQuantizer",
+    "UniformQuantizer", "make_quantizer",
 ]
 
 
@@ -279,8 +286,10 @@ class LSQQuantizer(FakeQuantizer):
 
 
 def make_quantizer(spec: QuantizerSpec, bits: int | None) -> FakeQuantizer:
-    """The quantizer class for a spec: LSQ for ``range="lsq"``, Log2Quantizer for the log kinds, else
-    uniform."""
+    """The quantizer class for a spec: LSQ for ``range="lsq"``, Log2Quantizer for the log kinds, the
+    two-scale kinds of :mod:`methods.quant.twin_quantizers`, else uniform."""
+    if spec.kind in TWO_SCALE_QUANTIZERS:
+        return TWO_SCALE_QUANTIZERS[spec.kind](spec, bits)
     if spec.range == "lsq":
         return LSQQuantizer(spec, bits)
     if spec.kind in ("log2", "log_sqrt2"):
