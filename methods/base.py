@@ -369,6 +369,7 @@ METHODS: Registry[type[QuantMethod]] = Registry(
         "psaq-vit-v2": "methods.psaq_vit_v2",
         "mimiq": "methods.mimiq",
         "spdfq": "methods.spdfq",
+        "mptq-vit": "methods.mptq_vit",
     },
     entry_point_group="vitq_bench.methods",
     base=QuantMethod,

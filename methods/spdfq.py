@@ -31,11 +31,10 @@ from methods.base import Built, MethodConfig, QuantMethod, RunContext, register_
 from methods.baselines import class_forward
 from methods.data import DataSource, register_source
 from methods.quant.bits import BitSpec
-from methods.quant.modules import QuantLinear
 from methods.quant.policy import Policy, Rule, calibrate, freeze, set_mode
 from methods.quant.quantizers import QuantizerSpec, UniformQuantizer
 from methods.quant.reconstruct import block_units, flatten_output, reconstruct_blocks
-from methods.quant.reparam import reparameterize_post_norm
+from methods.quant.reparam import norm_linear_pairs, reparameterize_post_norm
 from methods.quant.target import QuantTarget
 from methods.synth.optimize import rescaled_warmup
 from methods.synth.priors import scale_jitter_limit, tv_target_scale
@@ -103,12 +102,6 @@ SPDFQ_POST_SOFTMAX = QuantizerSpec(kind="log_sqrt2", range="percentile_mse")
 IMAGE_BITS = 8  # RepQ-ViT quantizes the patch embedding's input (the image) at 8 bits at every setting
 # Linear layers reading a LayerNorm output: timm qkv / fc1 / patch-merging reduction, mmcv FFN's fc1
 POST_NORM_LINEARS = ("*qkv", "*fc1", "*reduction", "*ffn.layers.0.0")
-# (norm, layer) children of one parent whose fold is exact: the layer reads the norm's output and
-# nothing else. mmdet/mmseg Swin's norm1 -> attn.w_msa.qkv is left out: ShiftWindowMSA zero-pads the
-# LayerNorm output to whole windows, and a folded shift would move those padded tokens.
-FOLD_PAIRS = (("norm1", "attn.qkv"), ("norm2", "mlp.fc1"), ("norm2", "ffn.layers.0.0"), ("norm", "reduction"))
-
-
 def spdfq_policy() -> Policy:
     """Every Conv / Linear (patch embedding, its image input at 8 bits, and head included) and both
     attention matmuls; post-LayerNorm inputs channel-wise until calibrate folds them."""
@@ -124,19 +117,13 @@ def spdfq_policy() -> Policy:
 
 
 def fold_sites(module: nn.Module) -> list[tuple[str, str]]:
-    """(norm path, layer path) pairs of ``module`` that :func:`reparameterize_post_norm` can fold."""
+    """(norm path, layer path) pairs of ``module`` that :func:`reparameterize_post_norm` can fold: the
+    exact LayerNorm -> Linear pairs whose layer has a channel-wise input quantizer with bits."""
     sites = []
-    for path, parent in module.named_modules():
-        for norm_name, layer_name in FOLD_PAIRS:
-            try:
-                norm, layer = parent.get_submodule(norm_name), parent.get_submodule(layer_name)
-            except AttributeError:
-                continue
-            aq = getattr(layer, "a_quant", None)
-            if isinstance(norm, nn.LayerNorm) and isinstance(layer, QuantLinear) \
-                    and isinstance(aq, UniformQuantizer) and aq.spec.per_channel and aq.bits is not None:
-                prefix = f"{path}." if path else ""
-                sites.append((prefix + norm_name, prefix + layer_name))
+    for norm, layer in norm_linear_pairs(module):
+        aq = getattr(module.get_submodule(layer), "a_quant", None)
+        if isinstance(aq, UniformQuantizer) and aq.spec.per_channel and aq.bits is not None:
+            sites.append((norm, layer))
     return sites
 
 

@@ -20,6 +20,27 @@ from torch import Tensor, nn
 from methods.quant.modules import QuantLinear
 from methods.quant.quantizers import UniformQuantizer
 
+# (norm, layer) children of one parent where the layer reads the norm's output and nothing else: timm
+# norm1 -> attn.qkv, norm2 -> mlp.fc1, PatchMerging norm -> reduction; mmcv FFN norm2 -> ffn.layers.0.0.
+# mmdet/mmseg Swin's norm1 -> attn.w_msa.qkv is left out: ShiftWindowMSA zero-pads the LayerNorm
+# output to whole windows, and a folded shift would move those padded tokens.
+FOLD_PAIRS = (("norm1", "attn.qkv"), ("norm2", "mlp.fc1"), ("norm2", "ffn.layers.0.0"), ("norm", "reduction"))
+
+
+def norm_linear_pairs(module: nn.Module) -> list[tuple[str, str]]:
+    """(LayerNorm path, Linear path) pairs below ``module`` (FOLD_PAIRS) whose fold is exact."""
+    pairs = []
+    for path, parent in module.named_modules():
+        for norm_name, layer_name in FOLD_PAIRS:
+            try:
+                norm, layer = parent.get_submodule(norm_name), parent.get_submodule(layer_name)
+            except AttributeError:
+                continue
+            if isinstance(norm, nn.LayerNorm) and isinstance(layer, nn.Linear):
+                prefix = f"{path}." if path else ""
+                pairs.append((prefix + norm_name, prefix + layer_name))
+    return pairs
+
 
 @torch.no_grad()
 def fold_into_layernorm(norm: nn.LayerNorm, linears: Sequence[nn.Linear], ratio: Tensor,
@@ -83,4 +104,4 @@ def reparameterize_post_norm(norm: nn.LayerNorm, layer: QuantLinear) -> dict[str
             "ratio_max": float(ratio.max())}
 
 
-__all__ = ["fold_into_layernorm", "reparameterize_post_norm"]
+__all__ = ["FOLD_PAIRS", "norm_linear_pairs", "fold_into_layernorm", "reparameterize_post_norm"]
