@@ -1,7 +1,7 @@
 """Run every benchmark with its defaults, one after another: ``python -m benchmarks``.
 
 One benchmark: ``python -m benchmarks.fakequant_overhead``, ``python -m benchmarks.spdfq_cost`` or
-``python -m benchmarks.scale_search_cost``
+``python -m benchmarks.scale_search_cost``, ``python -m benchmarks.mixed_precision_cost``
 (``--help`` for each one's options). Targets are ratios measured in the same run, never wall times.
 """
 
@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import sys
 
-from benchmarks import fakequant_overhead, scale_search_cost, spdfq_cost
+from benchmarks import fakequant_overhead, mixed_precision_cost, scale_search_cost, spdfq_cost
 
 BENCHMARKS = {
     "fakequant_overhead": fakequant_overhead.main,
     "spdfq_cost": spdfq_cost.main,
     "scale_search_cost": scale_search_cost.main,
+    "mixed_precision_cost": mixed_precision_cost.main,
 }
 
 

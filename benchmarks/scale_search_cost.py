@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
-from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
@@ -26,6 +24,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks import cpu_seconds  # noqa: E402
 from methods.quant.modules import MatMul, QuantLinear, QuantMatMul  # noqa: E402
 from methods.quant.quantizers import QuantizerSpec, make_quantizer  # noqa: E402
 from methods.quant.scale_search import SOFTMAX_SPLITS, SearchConfig, search_layer  # noqa: E402
@@ -34,18 +33,6 @@ W = QuantizerSpec(symmetric=True, per_channel=True, arith="divide")
 A = QuantizerSpec(symmetric=True, arith="divide")
 GELU = QuantizerSpec(kind="twin_gelu")
 SOFTMAX = QuantizerSpec(kind="twin_softmax")
-
-
-def cpu_seconds(fn: Callable[[], object], rounds: int, warmup: bool = True) -> float:
-    """Best process-CPU time of ``fn`` over ``rounds`` calls (after one warm-up call if ``warmup``)."""
-    if warmup:
-        fn()
-    best = float("inf")
-    for _ in range(rounds):
-        c0 = time.process_time()
-        fn()
-        best = min(best, time.process_time() - c0)
-    return best
 
 
 def cases(n: int, t: int, d: int, heads: int, gen: torch.Generator, cfg: SearchConfig) -> list[tuple]:

@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import copy
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -30,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import timm  # noqa: E402
 
+from benchmarks import cpu_seconds  # noqa: E402
 from methods.quant.bits import parse_bits  # noqa: E402
 from methods.quant.policy import apply_policy, calibrate, freeze  # noqa: E402
 from methods.quant.reconstruct import capture, reconstruct_blocks  # noqa: E402
@@ -39,17 +39,6 @@ from methods.spdfq import spdfq_policy  # noqa: E402
 from methods.synth.spdfq_generation import generate_spdfq_images  # noqa: E402
 
 GOAL = 1.5
-
-
-def cpu_seconds(fn: Callable[[], object], rounds: int) -> float:
-    """Best process-CPU time of ``fn`` over ``rounds`` calls (after one warm-up call)."""
-    fn()
-    best = float("inf")
-    for _ in range(rounds):
-        c0 = time.process_time()
-        fn()
-        best = min(best, time.process_time() - c0)
-    return best
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -120,6 +120,10 @@ class MethodConfig:
 
     # mixed precision (mpN specs): the bit-widths the allocator may give a layer's weights / activations
     mp_candidates: tuple[int, ...] = BIT_CANDIDATES
+    # the allocator measures sensitivity on at most this many of the calibration images (the papers'
+    # 32); targets without logits (det/seg: large inputs, a backbone forward per trial) on fewer
+    mp_images: int = 32
+    mp_images_dense: int = 8
 
 
 @dataclass
@@ -289,11 +293,16 @@ def fixed_sites(built: Built) -> dict[str, tuple[bool, bool]]:
 
 def allocate_bits(method: QuantMethod, probe: Built, target: QuantTarget, bits: BitSpec, images: Tensor,
                   set_bits: Callable[[Unit, int], None], ctx: RunContext, mode: str = "lazy",
-                  allocator: str = "generic") -> BitSpec:
+                  allocator: str = "generic",
+                  on_commit: Callable[[Unit, int], None] | None = None) -> BitSpec:
     """Greedy-allocate ``bits``' budget over the sites of a calibrated ``probe`` (every unit at the
     largest candidate); returns ``bits`` with the per-layer map and records the allocation in
-    ``ctx.extra["mixed_precision"]``."""
+    ``ctx.extra["mixed_precision"]``. The loss is measured on the first ``mp_images`` images
+    (``mp_images_dense`` without logits)."""
     cands = method.mp_candidates()
+    cfg = method.config
+    limit = getattr(cfg, "mp_images", 32) if target.logits is not None else getattr(cfg, "mp_images_dense", 8)
+    images = images[:limit]
     start = max(cands)
     layers = dict(probe.resolved_bits.layers)
     qmod, model = probe.qmodule, probe.model
@@ -331,7 +340,7 @@ def allocate_bits(method: QuantMethod, probe: Built, target: QuantTarget, bits: 
 
     result = greedy_allocate(units, bits.mixed, cands, set_bits, loss,
                              fixed={k: (v[0], v[1]) for k, v in fixed.items()}, mode=mode,
-                             progress=ctx.progress)
+                             progress=ctx.progress, on_commit=on_commit)
     for u, b in result.bits.items():
         w, a = layers[u.path]
         layers[u.path] = (b, a) if u.kind == "w" else (w, b)
@@ -340,7 +349,7 @@ def allocate_bits(method: QuantMethod, probe: Built, target: QuantTarget, bits: 
         "budget": list(bits.mixed), "averages": list(result.averages), "loss": loss_name,
         "loss_start": result.loss_start, "loss_end": result.loss_end, "steps": len(result.steps),
         "trials": result.trials, "forward_equivalents": round(runner.forwards, 2),
-        "sensitivity_data": dict(ctx.data_sources.get("calibration", {})),
+        "sensitivity_data": dict(ctx.data_sources.get("calibration", {})), "images": int(images.shape[0]),
         "fixed_sites": sorted(fixed_flags), "not_run_sites": sorted(not_run), "units": len(units),
         "history": result.steps,
     }

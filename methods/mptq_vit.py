@@ -203,16 +203,36 @@ class SiteSearch:
 
 
 class MPTQUnitBits(SiteBits):
-    """Greedy MP's way of setting a unit's bits: the new width, then the site's search re-run."""
+    """Greedy MP's way of setting a unit's bits: the new width, then the site's search re-run
+    (``trial_search``), or else the searched clip range kept at the new width, and the search re-run
+    only when the cut is committed (:meth:`commit`)."""
 
-    def __init__(self, module: nn.Module, searcher: SiteSearch) -> None:
+    def __init__(self, module: nn.Module, searcher: SiteSearch, trial_search: bool = True) -> None:
         super().__init__(module)
-        self.searcher = searcher
+        self.searcher, self.trial_search = searcher, trial_search
+        self._ranges: dict[tuple, list[dict[str, Tensor]]] = {}
 
     def __call__(self, unit: Unit, bits: int) -> None:
+        if self.trial_search:
+            for q in self.quantizers(unit):
+                q.bits = bits
+            self.searcher.search(unit.path)
+            return
+        site = self.module.get_submodule(unit.path)
+        key = self.searcher.key(unit.path)  # the state before: restored exactly on undo
+        self._ranges.setdefault(key, [{k: v.clone() for k, v in q.state_dict().items()}
+                                      for q in _site_quantizers(site)])
         for q in self.quantizers(unit):
-            q.bits = bits
-        self.searcher.search(unit.path)
+            q.set_bits(bits, keep_range=True)
+        new_key = self.searcher.key(unit.path)
+        if new_key in self._ranges:
+            for q, state in zip(_site_quantizers(site), self._ranges[new_key], strict=True):
+                q.load_state_dict(state)
+
+    def commit(self, unit: Unit, bits: int) -> None:
+        if not self.trial_search:
+            self._ranges.clear()
+            self.searcher.search(unit.path)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -280,8 +300,9 @@ class MPTQViT(QuantMethod):
         searcher = self._calibrate(probe, images, target, ctx)
         x = images.to(next(probe.model.parameters()).device)
         # (frozen weight caches follow the quantizers' state keys: a trial's new bits re-quantize)
-        return allocate_bits(self, probe, target, bits, x, MPTQUnitBits(probe.qmodule, searcher), ctx,
-                             mode=self.config.mp_greedy, allocator="mptq-vit greedy mp")
+        unit_bits = MPTQUnitBits(probe.qmodule, searcher, self.config.mp_trial_search)
+        return allocate_bits(self, probe, target, bits, x, unit_bits, ctx, mode=self.config.mp_greedy,
+                             allocator="mptq-vit greedy mp", on_commit=unit_bits.commit)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -301,11 +322,13 @@ class MPTQViTConfig(MethodConfig):
     fully_quantized: bool = False  # also the residual stream (LayerNorm inputs), O-2SF
     mp_candidates: tuple[int, ...] = (4, 5, 6, 8)
     mp_greedy: str = "exact"  # "exact": every unit re-measured each step (spec); "lazy": see mixed.py
+    mp_trial_search: bool = True  # re-run a site's search for every trial (spec); False: on commit only
     data_source: str | None = None  # None: real calibration images
 
 
 MPTQ_PROFILES = {
-    "ci": {"search_candidates": 20, "search_rounds": 1, "optm_max_k": 4, "mp_greedy": "lazy"},
+    "ci": {"search_candidates": 20, "search_rounds": 1, "optm_max_k": 4, "mp_greedy": "lazy",
+           "mp_trial_search": False},
 }
 
 MPTQ_PROVENANCE = {
@@ -340,7 +363,8 @@ MPTQ_PROVENANCE = {
     "the calibration images (relative output MSE without logits), cheapest committed until both "
     "averages <= the budget; block outputs cached so a trial re-runs only downstream blocks",
     "ci profile": "choice: 20 grid candidates, 1 round, k = 0..4, lazy greedy (one re-measurement per "
-    "step instead of every unit)",
+    "step instead of every unit), trials keep the searched clip range at the new width and the search "
+    "re-runs when a cut is committed",
     "det/seg": "choice: without class logits the search targets are unchanged (layer-wise) and Greedy "
     "MP's loss is the relative MSE of the backbone output",
 }

@@ -330,13 +330,15 @@ def greedy_allocate(
     fixed: Mapping[str, tuple[float, float]] | None = None,
     mode: str = "lazy",
     progress: Callable[[str], None] = lambda _m: None,
+    on_commit: Callable[[Unit, int], None] | None = None,
 ) -> Allocation:
     """Lower units' bits, cheapest ΔL/Δaverage first, until both averages are within ``budget``.
 
     ``units`` start at the largest candidate (the caller has set them there). ``set_bits(unit, b)``
     applies a width; ``loss(unit)`` evaluates the current state (``unit``: the one just changed, for
     caching; None: anything may have changed). ``fixed``: kind -> (Σ count·bits, Σ count) of sites the
-    allocator may not change (rule overrides), counted in the averages.
+    allocator may not change (rule overrides), counted in the averages. ``on_commit(unit, b)`` runs
+    after a cut is committed (e.g. a scale search for the new width), before the loss is re-measured.
     """
     if mode not in GREEDY_MODES:
         raise ValueError(f"greedy mode {mode!r} not in {GREEDY_MODES}")
@@ -397,6 +399,8 @@ def greedy_allocate(
                 f"budget {budget[0]:g}/{budget[1]:g} with candidates {cands}: every unit is at its lowest")
         u, (cost, after, nb) = chosen
         set_bits(u, nb)
+        if on_commit is not None:
+            on_commit(u, nb)
         ledger.num[u.kind] -= u.count * (bits[u] - nb)
         result.steps.append({"unit": f"{u.path}:{u.kind}", "from": bits[u], "to": nb, "cost": cost,
                              "loss": after})
@@ -404,7 +408,7 @@ def greedy_allocate(
         current = loss(None)  # commits may invalidate caches; also the exact loss of the new state
         if mode == "lazy" and (t := trial(u)) is not None:
             heapq.heappush(queue, (t[0], order[u], u))
-        progress(f"mp step {len(result.steps)}: {u.path}:{u.kind} {bits[u] + 0} bits, "
+        progress(f"mp step {len(result.steps)}: {u.path}:{u.kind} {bits[u]} bits, "
                  f"avg w {ledger.average('w') or 0:.2f} a {ledger.average('a') or 0:.2f}")
     result.averages = (ledger.average("w"), ledger.average("a"))
     result.loss_end = current

@@ -243,9 +243,10 @@ class FakeQuantizer(nn.Module):
             self._compute_params()
         self.mode = "quant"
 
-    def set_bits(self, bits: int | None) -> None:
+    def set_bits(self, bits: int | None, keep_range: bool = False) -> None:
         """Change the bit-width; static parameters are recomputed from the kept statistics, or else
-        re-derived from the current clip range."""
+        (or with ``keep_range``, e.g. after a search chose the clip range) re-derived from the current
+        clip range."""
         if bits is not None and bits < 2:
             raise ValueError(f"bits must be >= 2 or None, got {bits}")
         old = self.bits
@@ -253,7 +254,7 @@ class FakeQuantizer(nn.Module):
         self.bits = bits
         if bits is None or self.spec.range == "dynamic":
             return
-        if self.has_stats:
+        if self.has_stats and not (keep_range and rng is not None):
             self._compute_params()
         elif rng is not None:
             self._params_from_range(*rng)

@@ -97,11 +97,11 @@ class _TwoScale(FakeQuantizer):
         super().__init__(spec, bits)
         self.searched = False
 
-    def set_bits(self, bits: int | None) -> None:
+    def set_bits(self, bits: int | None, keep_range: bool = False) -> None:
         if bits is not None and bits < 2:
             raise ValueError(f"bits must be >= 2 or None, got {bits}")
         old = self.bits
-        keep = self.searched or not self.has_stats  # searched, or loaded without statistics
+        keep = keep_range or self.searched or not self.has_stats  # searched, or loaded without statistics
         if keep and old is not None and bits is not None and self.initialized:
             self.bits = bits
             self._rescale(old, bits)
