@@ -340,7 +340,8 @@ def allocate_bits(method: QuantMethod, probe: Built, target: QuantTarget, bits: 
 
     result = greedy_allocate(units, bits.mixed, cands, set_bits, loss,
                              fixed={k: (v[0], v[1]) for k, v in fixed.items()}, mode=mode,
-                             progress=ctx.progress, on_commit=on_commit)
+                             progress=ctx.progress, on_commit=on_commit,
+                             commit_loss=lambda u: loss_fn(runner.refresh(u.block)))
     for u, b in result.bits.items():
         w, a = layers[u.path]
         layers[u.path] = (b, a) if u.kind == "w" else (w, b)

@@ -246,6 +246,13 @@ class MPTQViT(QuantMethod):
     data_source = "real"
     summary = "MPTQ-ViT (2024): SQ-b + OPT-m on PTQ4ViT's search, Greedy MP mixed precision"
 
+    def target_config(self, target: QuantTarget, ctx: RunContext) -> Any:
+        """Targets without class logits (det/seg) may calibrate on fewer images (``dense_num_images``)."""
+        cfg = self.config
+        if target.logits is not None or not cfg.dense_num_images:
+            return cfg
+        return dataclasses.replace(cfg, num_images=cfg.dense_num_images)
+
     def policy(self, target: QuantTarget) -> Policy:
         return mptq_policy(self.config.fully_quantized)
 
@@ -323,12 +330,13 @@ class MPTQViTConfig(MethodConfig):
     mp_candidates: tuple[int, ...] = (4, 5, 6, 8)
     mp_greedy: str = "exact"  # "exact": every unit re-measured each step (spec); "lazy": see mixed.py
     mp_trial_search: bool = True  # re-run a site's search for every trial (spec); False: on commit only
+    dense_num_images: int | None = None  # targets without logits (det/seg); None: num_images
     data_source: str | None = None  # None: real calibration images
 
 
 MPTQ_PROFILES = {
     "ci": {"search_candidates": 20, "search_rounds": 1, "optm_max_k": 4, "mp_greedy": "lazy",
-           "mp_trial_search": False},
+           "mp_trial_search": False, "dense_num_images": 8},
 }
 
 MPTQ_PROVENANCE = {
@@ -362,8 +370,8 @@ MPTQ_PROVENANCE = {
     "re-run for the new bits), cost ΔL / Δ(average bits of its kind), L = KL(FP || quantized logits) on "
     "the calibration images (relative output MSE without logits), cheapest committed until both "
     "averages <= the budget; block outputs cached so a trial re-runs only downstream blocks",
-    "ci profile": "choice: 20 grid candidates, 1 round, k = 0..4, lazy greedy (one re-measurement per "
-    "step instead of every unit), trials keep the searched clip range at the new width and the search "
+    "ci profile": "choice: 20 grid candidates, 1 round, k = 0..4, 8 calibration images on det/seg, lazy "
+    "greedy (one re-measurement per step instead of every unit), trials keep the searched clip range at the new width and the search "
     "re-runs when a cut is committed",
     "det/seg": "choice: without class logits the search targets are unchanged (layer-wise) and Greedy "
     "MP's loss is the relative MSE of the backbone output",

@@ -212,24 +212,25 @@ class DownstreamForward:
         self.calls: dict[int, int] = {}
         self.forwards = 0.0  # full-forward equivalents run (blocks skipped count as saved)
 
-    def refresh(self) -> Any:
-        """One full forward recording every block's output; returns the forward's result."""
-        self.outputs.clear()
-        self.calls = dict.fromkeys(range(len(self.blocks)), 0)
+    def refresh(self, start: int = 0) -> Any:
+        """A forward recording the outputs of blocks ``start`` onwards (the earlier ones replaced by
+        their recorded outputs, which a change at block ``start`` cannot reach); returns its result."""
+        if start == 0:
+            self.outputs.clear()
+            self.calls = dict.fromkeys(range(len(self.blocks)), 0)
         handles = []
-        for i, path in enumerate(self.blocks):
+        for i in range(start, len(self.blocks)):
+            self.calls[i] = 0
+
             def hook(_m, _a, out, i=i):
                 self.calls[i] += 1
                 self.outputs[i] = out
-            handles.append(self.module.get_submodule(path).register_forward_hook(hook))
+            handles.append(self.module.get_submodule(self.blocks[i]).register_forward_hook(hook))
         try:
-            with torch.no_grad():
-                result = self.forward()
+            return self.run(start)
         finally:
             for h in handles:
                 h.remove()
-        self.forwards += 1
-        return result
 
     def run(self, start: int) -> Any:
         """The forward with blocks before ``start`` replaced by their recorded outputs."""
@@ -247,7 +248,7 @@ class DownstreamForward:
         finally:
             for parent, name, block in reversed(swapped):
                 setattr(parent, name, block)
-            self.forwards += 1 - (start / len(self.blocks) if self.blocks else 0)
+            self.forwards += 1 - (len(swapped) / len(self.blocks) if self.blocks else 0)
 
 
 def block_index(path: str, blocks: Sequence[str]) -> int:
@@ -331,6 +332,7 @@ def greedy_allocate(
     mode: str = "lazy",
     progress: Callable[[str], None] = lambda _m: None,
     on_commit: Callable[[Unit, int], None] | None = None,
+    commit_loss: Callable[[Unit], float] | None = None,
 ) -> Allocation:
     """Lower units' bits, cheapest ΔL/Δaverage first, until both averages are within ``budget``.
 
@@ -338,7 +340,8 @@ def greedy_allocate(
     applies a width; ``loss(unit)`` evaluates the current state (``unit``: the one just changed, for
     caching; None: anything may have changed). ``fixed``: kind -> (Σ count·bits, Σ count) of sites the
     allocator may not change (rule overrides), counted in the averages. ``on_commit(unit, b)`` runs
-    after a cut is committed (e.g. a scale search for the new width), before the loss is re-measured.
+    after a cut is committed (e.g. a scale search for the new width), before the loss is re-measured
+    by ``commit_loss(unit)`` (default ``loss(None)``; e.g. refreshing caches from the unit's block on).
     """
     if mode not in GREEDY_MODES:
         raise ValueError(f"greedy mode {mode!r} not in {GREEDY_MODES}")
@@ -405,7 +408,7 @@ def greedy_allocate(
         result.steps.append({"unit": f"{u.path}:{u.kind}", "from": bits[u], "to": nb, "cost": cost,
                              "loss": after})
         bits[u] = nb
-        current = loss(None)  # commits may invalidate caches; also the exact loss of the new state
+        current = commit_loss(u) if commit_loss is not None else loss(None)  # the new state's loss
         if mode == "lazy" and (t := trial(u)) is not None:
             heapq.heappush(queue, (t[0], order[u], u))
         progress(f"mp step {len(result.steps)}: {u.path}:{u.kind} {bits[u]} bits, "
