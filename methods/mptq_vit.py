@@ -371,7 +371,8 @@ MPTQ_PROVENANCE = {
     "the calibration images (relative output MSE without logits), cheapest committed until both "
     "averages <= the budget; block outputs cached so a trial re-runs only downstream blocks",
     "ci profile": "choice: 20 grid candidates, 1 round, k = 0..4, 8 calibration images on det/seg, lazy "
-    "greedy (one re-measurement per step instead of every unit), trials keep the searched clip range at the new width and the search "
+    "greedy (one re-measurement per step instead of every unit), trials keep the searched clip range at "
+    "the new width and the search "
     "re-runs when a cut is committed",
     "det/seg": "choice: without class logits the search targets are unchanged (layer-wise) and Greedy "
     "MP's loss is the relative MSE of the backbone output",
