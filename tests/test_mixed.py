@@ -157,3 +157,31 @@ def test_data_free_allocation_never_reads_real_images(tmp_path):
     cls(cfg).quantize(target, parse_bits("mp6"), ctx)
     assert ctx.extra["mixed_precision"]["sensitivity_data"]["source"] == "psaq-vit"
     assert ctx.data_sources["calibration"]["data_free"] is True
+
+
+def test_an_mp_job_records_its_map_costs_and_plot(tmp_path):
+    """A mixed-precision job through the harness on mini-vit: the record holds the allocated map,
+    the allocation, its costs (consistent with the map) and a PNG bit-width plot; the cost table
+    renders it."""
+    from bench import api
+    from bench.progress import make_reporter
+    from bench.store import ResultStore
+    from bench.tables import write_tables
+
+    plan = api.make_plan(methods="minmax-ptq", tasks="cls", models="mini-vit", bits="mp5,w4a4", seeds="0")
+    summary = api.run(plan, tmp_path, reporter=make_reporter(stream=None))
+    assert summary.count("failed") == 0
+    records = {r["bits"]: r for r in ResultStore(tmp_path).records()}
+    mp, w4 = records["mp5"], records["w4a4"]
+    assert mp["bit_spec"]["mixed"] == [5.0, 5.0] and mp["extra"]["mixed_precision"]["allocator"] == "generic"
+    assert mp["cost"]["w_avg_bits"] <= 5.0 and mp["cost"]["a_avg_bits"] <= 5.0
+    assert mp["cost"]["w_avg_bits"] == pytest.approx(mp["extra"]["mixed_precision"]["averages"][0])
+    assert w4["cost"]["w_avg_bits"] == 4.0 and w4["cost"]["a_avg_bits"] == 4.0
+    assert w4["cost"]["macs"] == mp["cost"]["macs"] == records["fp"]["cost"]["macs"]
+    assert records["fp"]["cost"]["bops"] == records["fp"]["cost"]["macs"] * 32 * 32
+    assert w4["cost"]["bops"] == w4["cost"]["macs"] * 16  # every site at 4 x 4
+    assert w4["cost"]["size_mb"] == pytest.approx(w4["model_size_bits"] / 8 / 2**20)
+    png = mp["plots"]["layer_bits"]
+    assert open(png, "rb").read(8) == b"\x89PNG\r\n\x1a\n" and "layer_bits" not in w4["plots"]
+    (_, _, texts, _), = write_tables(ResultStore(tmp_path), task="cls")
+    assert "size_mb/gbops/avg_bits" in texts["md"] and "w4.00 a4.00" in texts["md"]
