@@ -185,3 +185,11 @@ def test_an_mp_job_records_its_map_costs_and_plot(tmp_path):
     assert open(png, "rb").read(8) == b"\x89PNG\r\n\x1a\n" and "layer_bits" not in w4["plots"]
     (_, _, texts, _), = write_tables(ResultStore(tmp_path), task="cls")
     assert "size_mb/gbops/avg_bits" in texts["md"] and "w4.00 a4.00" in texts["md"]
+
+
+def test_bench_list_names_each_method_allocator():
+    from bench.cli import mp_allocator
+
+    assert mp_allocator(get_method("mptq-vit")) == "own"
+    assert {mp_allocator(get_method(m)) for m in ("minmax-ptq", "psaq-vit", "mimiq", "spdfq")} == {"generic"}
+    assert mp_allocator(get_method("fp")) == ""
