@@ -97,23 +97,19 @@ class _PeakMemory:
         return rss / 2**20 if sys.platform == "darwin" else rss / 1024  # bytes on macOS, KiB on Linux
 
 
-def _model_size_bits(model: nn.Module, quant_path: str, bits: BitSpec) -> int:
-    """Size of the quantized part (per-layer bits are keyed relative to it)."""
+def _cost(model: nn.Module, quant_path: str, bits: BitSpec, input_shape: tuple[int, ...],
+          device: torch.device) -> tuple[int, dict[str, Any]]:
+    """Size in bits of the quantized part (per-layer bits are keyed relative to it), and its per-image
+    MACs, BOPs and average bits (one forward of a blank image: the counts depend on shapes only) with
+    the size in MB (2^20 bytes)."""
     module = model.get_submodule(quant_path) if quant_path else model
-    return int(model_size_bits(module, bits))
-
-
-def _cost(model: nn.Module, quant_path: str, bits: BitSpec, size_bits: int, input_shape: tuple[int, ...],
-          device: torch.device) -> dict[str, Any]:
-    """Per-image MACs, BOPs and average bits of the quantized part (one forward of a blank image:
-    the counts depend on shapes only), and its size in MB (2^20 bytes)."""
-    module = model.get_submodule(quant_path) if quant_path else model
+    size_bits = int(model_size_bits(module, bits))
     x = torch.zeros(input_shape, device=device)
     with torch.no_grad():
         costs = site_costs(module, lambda: model(x), 1)
     w_avg, a_avg = average_bits(costs, bits.layers)
-    return {"macs": sum(c.macs for c in costs.values()), "bops": bops(costs, bits.layers),
-            "w_avg_bits": w_avg, "a_avg_bits": a_avg, "size_mb": size_bits / 8 / 2**20}
+    return size_bits, {"macs": sum(c.macs for c in costs.values()), "bops": bops(costs, bits.layers),
+                       "w_avg_bits": w_avg, "a_avg_bits": a_avg, "size_mb": size_bits / 8 / 2**20}
 
 
 def _delta(metrics: Mapping[str, float], fp: Mapping[str, float] | None) -> dict[str, float] | None:
@@ -180,9 +176,8 @@ def run_job(
                 d.rmdir()  # only succeeds when empty: keeps what a method saved
     target, metrics, result = m["target"], m["metrics"], m["result"]
 
-    size = _model_size_bits(result.model, target.quant_path, result.resolved_bits)
-    cost = _cost(result.model, target.quant_path, result.resolved_bits, size, target.input_spec.shape(1),
-                 device)
+    size, cost = _cost(result.model, target.quant_path, result.resolved_bits, target.input_spec.shape(1),
+                       device)
     plots: dict[str, str] = {}
     if result.resolved_bits.is_mixed:
         title = f"{job.job_id}: average bits w {cost['w_avg_bits'] or 0:.2f}, a {cost['a_avg_bits'] or 0:.2f}"

@@ -188,7 +188,7 @@ def build_cost_table(df: pd.DataFrame) -> pd.DataFrame:
     for model in models:
         rows = df[df["label"] == model]
         fp_rows = rows[rows["method"] == FP_METHOD]
-        table[f"{model} FP"] = _cost_cell(fp_rows).split(" / w")[0] if len(fp_rows) else MISSING
+        table[f"{model} FP"] = _cost_cell(fp_rows) if len(fp_rows) else MISSING  # FP: no average bits
         for (method, b), cell in rows[rows["method"] != FP_METHOD].groupby(["method", "bits"]):
             table.loc[method, f"{model} {b}"] = _cost_cell(cell)
     return table

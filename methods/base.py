@@ -301,7 +301,8 @@ def allocate_bits(method: QuantMethod, probe: Built, target: QuantTarget, bits: 
     (``mp_images_dense`` without logits)."""
     cands = method.mp_candidates()
     cfg = method.config
-    limit = getattr(cfg, "mp_images", 32) if target.logits is not None else getattr(cfg, "mp_images_dense", 8)
+    limit = (getattr(cfg, "mp_images", MethodConfig.mp_images) if target.logits is not None
+             else getattr(cfg, "mp_images_dense", MethodConfig.mp_images_dense))
     images = images[:limit]
     start = max(cands)
     layers = dict(probe.resolved_bits.layers)
@@ -315,7 +316,7 @@ def allocate_bits(method: QuantMethod, probe: Built, target: QuantTarget, bits: 
         with torch.no_grad():
             loss_fn = relative_mse_loss(target.quant_module(images))
         out, loss_name = (lambda: qmod(images)), "relative MSE of the quant module's output (no logits)"
-    costs = site_costs(qmod, lambda: out(), images.shape[0])
+    costs = site_costs(qmod, out, images.shape[0])
     blocks = block_units(qmod)
     runner = DownstreamForward(qmod, blocks, out)
     fixed_flags = fixed_sites(probe)

@@ -19,8 +19,9 @@ quantizers and the candidate grid) follow PTQ4ViT's released code (:mod:`methods
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,12 +31,12 @@ from torch import Tensor, nn
 
 from methods.base import Built, MethodConfig, QuantMethod, RunContext, allocate_bits, register_method
 from methods.quant.bits import BitSpec
-from methods.quant.mixed import SiteBits, Unit
+from methods.quant.mixed import SiteBits, Unit, load_quantizer_states, quantizer_states
 from methods.quant.modules import QuantConv2d, QuantLinear, QuantMatMul, QuantTap
 from methods.quant.policy import Policy, Rule, calibrate, freeze, set_mode
 from methods.quant.quantizers import FakeQuantizer, QuantizerSpec
 from methods.quant.reconstruct import capture_call, flatten_output
-from methods.quant.reparam import fold_into_layernorm, norm_linear_pairs
+from methods.quant.reparam import FOLD_TOLERANCE, fold_into_layernorm, max_relative_error, norm_linear_pairs
 from methods.quant.scale_search import SearchConfig, search_layer, search_tap
 from methods.quant.target import QuantTarget
 from methods.quant.twin_quantizers import Outlier2SFQuantizer
@@ -128,6 +129,20 @@ def _site_quantizers(site: nn.Module) -> list[FakeQuantizer]:
     return [q for q in site.children() if isinstance(q, FakeQuantizer)]
 
 
+@contextlib.contextmanager
+def _quantizers_off(site: nn.Module) -> Iterator[None]:
+    """The site's own quantizers off (its FP output), every other quantizer as it is."""
+    qs = _site_quantizers(site)
+    modes = [q.mode for q in qs]
+    for q in qs:
+        q.mode = "off"
+    try:
+        yield
+    finally:
+        for q, m in zip(qs, modes, strict=True):
+            q.mode = m
+
+
 class SiteSearch:
     """Captures one site's inputs in the current (partly quantized) model and searches its steps;
     results are remembered per (site, bits of its quantizers), so Greedy MP's trials and undos
@@ -144,15 +159,8 @@ class SiteSearch:
     def capture(self, path: str) -> None:
         """The site's FP inputs (its quantizers off) with every other quantizer as it is now."""
         site = self.qmodule.get_submodule(path)
-        qs = _site_quantizers(site)
-        modes = [q.mode for q in qs]
-        for q in qs:
-            q.mode = "off"
-        try:
+        with _quantizers_off(site):
             args, out = capture_call(self.model, site, self.images, self.forward)
-        finally:
-            for q, m in zip(qs, modes, strict=True):
-                q.mode = m
         grad = self._output_grad(site) if self.cfg.metric == "hessian" else None
         self.inputs[path] = (args, out, grad)
 
@@ -162,12 +170,8 @@ class SiteSearch:
             raise ValueError("mptq-vit: search_metric='hessian' needs class logits (classification)")
         saved: list[Tensor] = []
         handle = site.register_forward_hook(lambda _m, _a, out: saved.append(out))
-        qs = _site_quantizers(site)
-        modes = [q.mode for q in qs]
-        for q in qs:
-            q.mode = "off"
         try:
-            with torch.enable_grad():
+            with _quantizers_off(site), torch.enable_grad():
                 x = self.images.clone().requires_grad_(True)
                 pred = self.forward(self.model, x)
                 target = F.softmax(self.target_logits, -1)
@@ -175,8 +179,6 @@ class SiteSearch:
                 (grad,) = torch.autograd.grad(loss, saved[0])
         finally:
             handle.remove()
-            for q, m in zip(qs, modes, strict=True):
-                q.mode = m
         return grad.detach()
 
     def key(self, path: str) -> tuple:
@@ -188,8 +190,7 @@ class SiteSearch:
         qs = _site_quantizers(site)
         key = self.key(path)
         if key in self.memo:
-            for q, state in zip(qs, self.memo[key], strict=True):
-                q.load_state_dict(state)
+            load_quantizer_states(qs, self.memo[key])
             return None
         args, out, grad = self.inputs[path]
         if isinstance(site, QuantTap):
@@ -198,7 +199,7 @@ class SiteSearch:
             info = search_layer(site, tuple(args[:2] if isinstance(site, QuantMatMul) else args[:1]),
                                 out, self.cfg, grad)
         self.searches += 1
-        self.memo[key] = [{k: v.clone() for k, v in q.state_dict().items()} for q in qs]
+        self.memo[key] = quantizer_states(qs)
         return info
 
 
@@ -218,16 +219,15 @@ class MPTQUnitBits(SiteBits):
                 q.bits = bits
             self.searcher.search(unit.path)
             return
-        site = self.module.get_submodule(unit.path)
+        qs = _site_quantizers(self.module.get_submodule(unit.path))
         key = self.searcher.key(unit.path)  # the state before: restored exactly on undo
-        self._ranges.setdefault(key, [{k: v.clone() for k, v in q.state_dict().items()}
-                                      for q in _site_quantizers(site)])
+        if key not in self._ranges:
+            self._ranges[key] = quantizer_states(qs)
         for q in self.quantizers(unit):
             q.set_bits(bits, keep_range=True)
         new_key = self.searcher.key(unit.path)
         if new_key in self._ranges:
-            for q, state in zip(_site_quantizers(site), self._ranges[new_key], strict=True):
-                q.load_state_dict(state)
+            load_quantizer_states(qs, self._ranges[new_key])
 
     def commit(self, unit: Unit, bits: int) -> None:
         if not self.trial_search:
@@ -277,8 +277,8 @@ class MPTQViT(QuantMethod):
             ctx.extra["sq_b"] = sq_b_fold(qmod, model, x, forward, cfg.sq_alpha)
         with torch.no_grad():
             after = flatten_output(forward(model, x[:4]))
-        error = float((after - before).abs().max() / before.abs().max().clamp_min(1e-12))
-        if error > 1e-4:
+        error = max_relative_error(before, after)
+        if error > FOLD_TOLERANCE:
             raise RuntimeError(f"mptq-vit: SQ-b changed the FP model (relative error {error:.2e})")
         ctx.extra.setdefault("sq_b", {})["fp_relative_error"] = error
         set_mode(qmod, "quant")

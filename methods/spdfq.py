@@ -34,7 +34,12 @@ from methods.quant.bits import BitSpec
 from methods.quant.policy import Policy, Rule, calibrate, freeze, set_mode
 from methods.quant.quantizers import QuantizerSpec, UniformQuantizer
 from methods.quant.reconstruct import block_units, flatten_output, reconstruct_blocks
-from methods.quant.reparam import norm_linear_pairs, reparameterize_post_norm
+from methods.quant.reparam import (
+    FOLD_TOLERANCE,
+    max_relative_error,
+    norm_linear_pairs,
+    reparameterize_post_norm,
+)
 from methods.quant.target import QuantTarget
 from methods.synth.optimize import rescaled_warmup
 from methods.synth.priors import scale_jitter_limit, tv_target_scale
@@ -102,6 +107,8 @@ SPDFQ_POST_SOFTMAX = QuantizerSpec(kind="log_sqrt2", range="percentile_mse")
 IMAGE_BITS = 8  # RepQ-ViT quantizes the patch embedding's input (the image) at 8 bits at every setting
 # Linear layers reading a LayerNorm output: timm qkv / fc1 / patch-merging reduction, mmcv FFN's fc1
 POST_NORM_LINEARS = ("*qkv", "*fc1", "*reduction", "*ffn.layers.0.0")
+
+
 def spdfq_policy() -> Policy:
     """Every Conv / Linear (patch embedding, its image input at 8 bits, and head included) and both
     attention matmuls; post-LayerNorm inputs channel-wise until calibrate folds them."""
@@ -176,8 +183,8 @@ class SPDFQ(QuantMethod):
         with torch.no_grad():
             after = flatten_output(qmod(probe))
         set_mode(qmod, "quant")
-        error = float((after - before).abs().max() / before.abs().max().clamp_min(1e-12))
-        if error > 1e-4:
+        error = max_relative_error(before, after)
+        if error > FOLD_TOLERANCE:
             raise RuntimeError(f"spdfq: the LayerNorm reparameterisation changed the FP model (relative "
                                f"error {error:.2e}): a folded pair does not read the norm directly")
         ctx.extra["reparameterization"] = {"folded": len(folded), "fp_relative_error": error,

@@ -156,6 +156,16 @@ class Unit:
     block: int = 0  # index of the cached block it lives in (0: re-forward from the start)
 
 
+def quantizer_states(qs: Sequence[FakeQuantizer]) -> list[dict[str, Tensor]]:
+    """Copies of the quantizers' parameters and buffers (to put back with :func:`load_quantizer_states`)."""
+    return [{k: v.clone() for k, v in q.state_dict().items()} for q in qs]
+
+
+def load_quantizer_states(qs: Sequence[FakeQuantizer], states: Sequence[Mapping[str, Tensor]]) -> None:
+    for q, state in zip(qs, states, strict=True):
+        q.load_state_dict(state)
+
+
 class SiteBits:
     """Sets a unit's bit-width on the quantizers of a module, remembering each quantizer's parameters
     per bit-width so a trial and its undo do not recompute them (the same calibration statistics give
@@ -163,7 +173,7 @@ class SiteBits:
 
     def __init__(self, module: nn.Module) -> None:
         self.module = module
-        self._memo: dict[tuple[int, int], dict[str, Tensor]] = {}
+        self._memo: dict[tuple[int, int], list[dict[str, Tensor]]] = {}
 
     def quantizers(self, unit: Unit) -> list[FakeQuantizer]:
         site = self.module.get_submodule(unit.path)
@@ -177,10 +187,10 @@ class SiteBits:
             key = (id(q), bits)
             if key in self._memo:
                 q.bits = bits
-                q.load_state_dict(self._memo[key])
+                load_quantizer_states([q], self._memo[key])
             else:
                 q.set_bits(bits)
-                self._memo[key] = {k: v.clone() for k, v in q.state_dict().items()}
+                self._memo[key] = quantizer_states([q])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -420,6 +430,7 @@ def greedy_allocate(
 
 __all__ = [
     "SiteCost", "site_costs", "average_bits", "bops", "activation_quantizers", "Unit", "SiteBits",
+    "quantizer_states", "load_quantizer_states",
     "DownstreamForward", "block_index", "kl_loss", "relative_mse_loss", "AllocationError", "Allocation",
     "greedy_allocate", "GREEDY_MODES",
 ]

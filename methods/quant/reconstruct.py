@@ -164,4 +164,7 @@ def reconstruct_blocks(fp_model: nn.Module, q_model: nn.Module, names: Sequence[
     return history
 
 
-__all__ = ["BlockNotRun", "capture", "capture_call", "main_output", "block_parameters", "reconstruct_blocks"]
+__all__ = [
+    "BlockNotRun", "capture", "capture_call", "main_output", "flatten_output", "block_units",
+    "block_parameters", "reconstruct_blocks",
+]

@@ -42,6 +42,15 @@ def norm_linear_pairs(module: nn.Module) -> list[tuple[str, str]]:
     return pairs
 
 
+# a fold is exact in real arithmetic; in float32 the outputs may move by rounding only
+FOLD_TOLERANCE = 1e-4
+
+
+def max_relative_error(before: Tensor, after: Tensor) -> float:
+    """max |after - before| / max |before|: how far a fold moved a (flattened) FP output."""
+    return float((after - before).abs().max() / before.abs().max().clamp_min(1e-12))
+
+
 @torch.no_grad()
 def fold_into_layernorm(norm: nn.LayerNorm, linears: Sequence[nn.Linear], ratio: Tensor,
                         shift: Tensor | None = None) -> None:
@@ -104,4 +113,7 @@ def reparameterize_post_norm(norm: nn.LayerNorm, layer: QuantLinear) -> dict[str
             "ratio_max": float(ratio.max())}
 
 
-__all__ = ["FOLD_PAIRS", "norm_linear_pairs", "fold_into_layernorm", "reparameterize_post_norm"]
+__all__ = [
+    "FOLD_PAIRS", "FOLD_TOLERANCE", "max_relative_error", "norm_linear_pairs",
+    "fold_into_layernorm", "reparameterize_post_norm",
+]
