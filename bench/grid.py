@@ -162,6 +162,8 @@ def coerce_method_args(method: str, method_args: Mapping[str, Any]) -> dict[str,
         default = fields[key]
         if default is None or value is None or type(value) is type(default):
             out[key] = value
+        elif isinstance(default, bool) and isinstance(value, str) and value.lower() in ("true", "false"):
+            out[key] = value.lower() == "true"  # flags as lm-eval and YAML users write them
         elif isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
             out[key] = float(value)
         elif isinstance(default, tuple) and isinstance(value, (tuple, list)):

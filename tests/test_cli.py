@@ -269,6 +269,17 @@ def test_method_args_errors_are_one_line(tmp_path, fakes, capsys, args, message)
     assert not out.exists() and sum(CALLS.values()) == 0
 
 
+def test_method_args_flags_take_true_and_false():
+    """A bool field takes True/False (Python) and true/false (lm-eval, YAML); other words are errors."""
+    from bench.grid import coerce_method_args
+
+    assert coerce_method_args("mptq-vit", {"mp_trial_search": "false", "sq_b": True}) == {
+        "mp_trial_search": False, "sq_b": True}
+    assert coerce_method_args("mptq-vit", {"fully_quantized": "TRUE"}) == {"fully_quantized": True}
+    with pytest.raises(ValueError, match="should be bool"):
+        coerce_method_args("mptq-vit", {"sq_b": "yes"})
+
+
 def test_failed_job_gives_exit_1(tmp_path, fakes, capsys):
     bench_fakes.register_fake("toy-broken", bench_fakes.ToyPTQ)
     code = cli.main(
