@@ -78,7 +78,8 @@ def run_command(table: Table, row: Row, model: str, bits: str, dataset: str, pro
                 results: str | None = None) -> str:
     """The ``python -m bench run`` line that fills one cell."""
     assert row.method is not None
-    parts = ["python", "-m", "bench", "run", "--dataset", dataset, "--profile", profile, "--tasks", table.task,
+    parts = ["python", "-m", "bench", "run", "--dataset", dataset, "--profile", profile,
+             "--tasks", table.task,
              "--models", model, "--methods", row.method, "--bits", bits]
     seeds = table.settings.get("seeds")
     if dataset == "full" and isinstance(seeds, int) and seeds > 1 and row.method != FP_METHOD:
@@ -123,6 +124,13 @@ def full_cell(df: pd.DataFrame, table: Table, row: Row, column: Column, profile:
     return Cell(text, values, pub, pub_std, delta, tol, flagged)
 
 
+def _slice(df: pd.DataFrame, dataset: str, profile: str) -> pd.DataFrame:
+    """The records of one dataset and profile, the newest per (method, model, weights, bits, seed)."""
+    if df.empty:
+        return df
+    return _latest(df[(df["dataset"] == dataset) & (df["profile"] == profile)])
+
+
 def _row_index(row: Row) -> str:
     return f"{row.bits} · {row.label}" if row.bits else row.label
 
@@ -142,6 +150,7 @@ def build_paper_table(df: pd.DataFrame, table: Table, dataset: str, profile: str
     """(the display table, its cells as long rows for CSV, the run commands of its missing cells)."""
     long: list[dict[str, Any]] = []
     commands: list[str] = []
+    df = _slice(df, dataset, profile)
     if dataset == "full":
         columns = [c.label for c in table.columns]
         rows = table.rows
@@ -184,20 +193,22 @@ def _long(table: Table, row: Row, model: str, column: str, cell: Cell, dataset: 
         "published": cell.published if dataset == "full" else None,
         "published_std": cell.published_std if dataset == "full" else None,
         "delta": cell.delta, "tolerance": cell.tolerance, "flagged": cell.flagged, "cell": cell.text,
+        "command": cell.command,
     }
 
 
 def _settings_line(table: Table) -> str:
-    parts = [f"{k}: {', '.join(map(str, v)) if isinstance(v, list) else v}" for k, v in table.settings.items()]
+    parts = [f"{k}: {', '.join(map(str, v)) if isinstance(v, list) else v}"
+             for k, v in table.settings.items()]
     return "; ".join(parts).rstrip(".")
 
 
 def render_paper(paper: Paper, df: pd.DataFrame, dataset: str = "full", profile: str | None = None,
-                 formats: Sequence[str] = FORMATS, results: str | None = None) -> tuple[dict[str, str], list[str]]:
+                 formats: Sequence[str] = FORMATS, results: str | None = None,
+                 ) -> tuple[dict[str, str], list[str]]:
     """Markdown / LaTeX / CSV texts of every table of ``paper``, and the run commands of missing cells."""
     profile = profile or DEFAULT_PROFILE[dataset]
-    if not df.empty:
-        df = _latest(df[(df["dataset"] == dataset) & (df["profile"] == profile)])
+    df = _slice(df, dataset, profile)
     mini = dataset == "mini"
     head = f"{paper.title}: " + ("mini analogue" if mini else "published tables vs full-dataset records")
     md = [f"## {head} (profile {profile})\n"]
@@ -220,7 +231,8 @@ def render_paper(paper: Paper, df: pd.DataFrame, dataset: str = "full", profile:
             md.append(f"Mini analogues: {stands}.  ")
         else:
             md.append("Models: " + ", ".join(f"{c.label} = {c.model}" for c in table.columns) + ".  ")
-        notes = [table.note] + [f"{r.label}: {r.note}" for r in table.rows if r.note and (r.runnable or not mini)]
+        notes = [table.note] + [f"{r.label}: {r.note}" for r in table.rows
+                                if r.note and (r.runnable or not mini)]
         notes += [f"{r.label}: source [{r.source}]" for r in table.rows if r.source]
         if any(notes):
             md.append("Notes: " + " ".join(n for n in notes if n) + "\n")
@@ -233,7 +245,8 @@ def render_paper(paper: Paper, df: pd.DataFrame, dataset: str = "full", profile:
         tex.append(f"% {title}: {table.caption}\n{to_latex(frame)}")
         long += [{"paper": paper.name, **c} for c in cells]
     if paper.not_found:
-        md.append("Not found (left empty, never filled from elsewhere): " + "; ".join(paper.not_found) + ".\n")
+        md.append("Not found (left empty, never filled from elsewhere): "
+                  + "; ".join(paper.not_found) + ".\n")
     if paper.notes:
         md.append("Paper notes: " + " ".join(paper.notes) + "\n")
     note = MINI_NOTE if mini else FULL_NOTE

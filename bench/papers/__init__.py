@@ -24,7 +24,8 @@ from methods.quant.bits import BitSpecError, parse_bits
 PAPERS_DIR = Path(__file__).resolve().parent
 TASK_NAMES = ("cls", "det", "seg")
 # The methods a row may name (the built-in registry; tests check the two agree).
-REGISTERED_METHODS = ("fp", "minmax-ptq", "noise-ptq", "psaq-vit", "psaq-vit-v2", "mimiq", "spdfq", "mptq-vit")
+REGISTERED_METHODS = ("fp", "minmax-ptq", "noise-ptq", "psaq-vit", "psaq-vit-v2", "mimiq", "spdfq",
+                      "mptq-vit")
 # The harness's full-dataset models per task (tests check these against the tasks). A column may name
 # another model (e.g. a timm name the harness does not run): it shows published values only.
 FULL_MODELS = {
@@ -37,7 +38,8 @@ FULL_MODELS = {
 # Mini analogue of a full model, by name prefix (first match wins).
 MINI_ANALOGUES = (
     ("cls", "vit_", "mini-vit"), ("cls", "deit_", "mini-deit"), ("cls", "swin_", "mini-swin"),
-    ("det", "mask-rcnn_", "mini-mask-rcnn-swin"), ("det", "cascade-mask-rcnn_", "mini-cascade-mask-rcnn-swin"),
+    ("det", "mask-rcnn_", "mini-mask-rcnn-swin"),
+    ("det", "cascade-mask-rcnn_", "mini-cascade-mask-rcnn-swin"),
     ("seg", "upernet_", "mini-upernet-swin"),
 )
 SETTINGS_KEYS = {
@@ -214,7 +216,8 @@ def _need(obj: Any, kind: type | tuple[type, ...], what: str, line: int) -> Any:
 def _keys(obj: _Map, allowed: set[str] | dict, required: tuple[str, ...], what: str) -> None:
     for key in obj:
         if key not in allowed:
-            raise _Problem(_line(obj, key), f"unknown key {key!r} in {what}; allowed: {', '.join(sorted(allowed))}")
+            raise _Problem(_line(obj, key),
+                           f"unknown key {key!r} in {what}; allowed: {', '.join(sorted(allowed))}")
     for key in required:
         if key not in obj:
             raise _Problem(_line(obj), f"{what} is missing {key!r}")
@@ -282,8 +285,9 @@ def _row(obj: Any, line: int, where: str, columns: dict[str, Column]) -> Row:
     if has_method:
         method = _text(obj, "method", what)
         if method not in REGISTERED_METHODS:
-            raise _Problem(_line(obj, "method"), f"{what}: method {method!r} is not registered; valid: "
-                                                  f"{', '.join(REGISTERED_METHODS)} (else implementation: none)")
+            raise _Problem(_line(obj, "method"),
+                           f"{what}: method {method!r} is not registered; valid: "
+                           f"{', '.join(REGISTERED_METHODS)} (else implementation: none)")
     elif obj["implementation"] != "none":
         raise _Problem(_line(obj, "implementation"), f"{what}: implementation must be 'none'")
     margs = obj.get("method_args") or {}
@@ -340,7 +344,8 @@ def _table(obj: Any, line: int, where: str, sources: dict[str, str], seen: set[s
     if tolerance is not None:
         tl = _line(obj, "tolerance")
         if isinstance(tolerance, dict):
-            tolerance = {_bits(k, tl, where): _number(v, tl, f"{where}: tolerance") for k, v in tolerance.items()}
+            tolerance = {_bits(k, tl, where): _number(v, tl, f"{where}: tolerance")
+                         for k, v in tolerance.items()}
         else:
             tolerance = _number(tolerance, tl, f"{where}: tolerance")
     return Table(tid, caption, source, {k: v for k, v in settings.items()}, list(columns.values()), rows,
