@@ -325,3 +325,24 @@ def test_cli_paper_tables_and_commands(store, capsys):
     assert len(lines) == len(set(lines))
     argv = ["tables", "--paper", "psaq-vit", "--dataset", "medium", "--results", str(store.root)]
     assert cli.main(argv) == 2
+
+
+def test_dense_cell_commands_expand_to_their_jobs(tmp_path):
+    pytest.importorskip("mmdet")
+    pytest.importorskip("mmseg")
+    box = next(t for t in load_paper("psaq-vit-v2").tables if t.id == "abstract-coco-box")
+    seg = next(t for t in load_paper("psaq-vit-v2").tables if t.id == "abstract-ade20k")
+    empty = ResultStore(tmp_path).dataframe()
+    (det_cmd,) = build_paper_table(empty, box, "full", "paper")[2]
+    (seg_cmd,) = build_paper_table(empty, seg, "full", "paper")[2]
+    assert [j.job_id for j in _expand(det_cmd)] == ["det/cascade-mask-rcnn_swin-s/fp/fp/0",
+                                                    "det/cascade-mask-rcnn_swin-s/psaq-vit-v2/w8a8/0"]
+    assert [j.job_id for j in _expand(seg_cmd)] == ["seg/upernet_swin-s/fp/fp/0",
+                                                    "seg/upernet_swin-s/psaq-vit-v2/w8a8/0"]
+    records = ResultStore(tmp_path)
+    records.write(rec("psaq-vit-v2", "cascade-mask-rcnn_swin-s", "w8a8", 0, 49.5, task="det",
+                      metric="bbox_mAP"))
+    frame, _, _ = build_paper_table(records.dataframe(), box, "full", "paper")
+    # 49.50 - 50.9 = -1.40 > 1.0 at 8 bits: flagged; the published 50.9 keeps 2 decimals
+    cell = frame.loc["w8a8 · PSAQ-ViT V2", "Cascade Mask R-CNN Swin-S (inferred)"]
+    assert cell == f"49.50 / 50.90 / -1.40 {FLAG}"
