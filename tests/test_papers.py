@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 COPY = ROOT / "tests" / "data" / "published_values.txt"
 SHARED = ROOT.parent / "shared" / "specs" / "published_tables.md"
 NUM = re.compile(r"(?<![\w.])\d+(?:\.\d+)?(?![\w.])")
-PAPERS = ["mimiq", "mptq-vit", "psaq-vit", "psaq-vit-v2", "ptq4vit", "repq-vit", "spdfq"]
+PAPERS = ["clamp-vit", "mimiq", "mptq-vit", "psaq-vit", "psaq-vit-v2", "ptq4vit", "repq-vit", "spdfq"]
 
 
 def copied_tokens() -> list[str]:
@@ -56,7 +56,7 @@ def test_every_paper_loads_and_names_real_methods_and_models():
             assert table.source in paper.sources and table.task in ("cls", "det", "seg")
             for row in table.rows:
                 assert row.runnable or not row.method_args
-    assert tables == 24
+    assert tables == 25
     repq = load_paper("repq-vit")
     box = next(t for t in repq.tables if t.id == "coco-box")
     assert [c.model for c in box.columns] == list(papers.FULL_MODELS["det"])
