@@ -25,6 +25,8 @@ from bench import api
 from bench import regress as rg
 from bench.api import Plan, UsageError
 from bench.env import environment
+from bench.paper_tables import DEFAULT_PROFILE, RUN_HINT, write_paper_tables
+from bench.papers import PaperSchemaError, load_paper
 from bench.record import RecordSchemaError
 from bench.runner import RunSummary
 from bench.store import ResultStore, jsonable
@@ -38,6 +40,7 @@ from tasks.base import DATASETS, TASKS, TaskError, get_task
 DEFAULT_BITS = ",".join(api.DEFAULT_BITS)
 PLUGIN_ENV = "VITQ_BENCH_PLUGINS"
 GOLDEN_DEFAULT = "results/golden/mini.json"
+RESULTS_DEFAULT = "results"
 
 def load_plugins(specs: Sequence[str]) -> None:
     """Import ``module[:function]`` or ``path/file.py[:function]`` (calling the function if given).
@@ -98,6 +101,10 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_tables(args: argparse.Namespace) -> int:
     formats = api.split_names(args.format)
     api.check_names("format", formats, FORMATS)
+    if args.paper:
+        return cmd_paper_tables(args, formats)
+    if args.commands or args.profile:
+        raise UsageError("--commands and --profile apply to --paper tables only")
     store = ResultStore(args.results)
     written = write_tables(store, task=args.task, dataset=args.dataset, formats=formats)
     if not written:
@@ -110,6 +117,30 @@ def cmd_tables(args: argparse.Namespace) -> int:
     for task, dataset, texts, paths in written:
         print(texts.get("md", f"{task} / {dataset}"))
         print(f"tables: {', '.join(str(p) for p in paths)}\n")
+    return 0
+
+
+def cmd_paper_tables(args: argparse.Namespace, formats: list[str]) -> int:
+    """``bench tables --paper NAME``: the paper's published tables beside the records."""
+    dataset = args.dataset or "full"
+    api.check_names("dataset", [dataset], list(DEFAULT_PROFILE))
+    if args.task:
+        raise UsageError("--task does not apply to --paper tables (each table names its task)")
+    try:
+        paper = load_paper(args.paper)
+    except KeyError as e:
+        raise UsageError(e.args[0]) from e
+    store = ResultStore(args.results)
+    results = None if args.results == RESULTS_DEFAULT else args.results
+    texts, paths, commands = write_paper_tables(store, paper, dataset, args.profile, formats, results)
+    print(texts.get("md", f"{paper.name} / {dataset}"))
+    print(f"tables: {', '.join(str(p) for p in paths)}")
+    if args.commands:
+        print(f"\n# {len(commands)} run command(s) for the cells not run yet")
+        if commands and dataset == "full":
+            print(RUN_HINT)
+        for line in commands:
+            print(line)
     return 0
 
 
@@ -324,10 +355,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_list)
 
     p = sub.add_parser("tables", parents=[common], help="render tables from the records")
-    p.add_argument("--results", default="results")
+    p.add_argument("--results", default=RESULTS_DEFAULT)
     p.add_argument("--task", default=None, help="only this task (default: all)")
-    p.add_argument("--dataset", default=None, help="only this dataset (default: all)")
+    p.add_argument("--dataset", default=None,
+                   help="only this dataset (default: all; with --paper: full, or mini for the mini analogue)")
     p.add_argument("--format", default=",".join(FORMATS), help="comma-separated: md, csv, tex (default: all)")
+    p.add_argument("--paper", default=None, metavar="NAME",
+                   help="a paper's published tables (bench/papers/NAME.yaml) beside our records: "
+                   "ours / published / Δ")
+    p.add_argument("--commands", action="store_true",
+                   help="with --paper: print the `bench run` line for each cell not run yet")
+    p.add_argument("--profile", default=None,
+                   help="with --paper: records of this profile (default: paper for full, ci for mini)")
     p.set_defaults(func=cmd_tables)
 
     p = sub.add_parser("regress", parents=[common], help="mini grid (ci profile) vs the golden file")
@@ -352,7 +391,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if getattr(args, "threads", None):
             torch.set_num_threads(args.threads)
         return args.func(args)
-    except (UsageError, TaskError, UnknownName, RecordSchemaError) as e:
+    except (UsageError, TaskError, UnknownName, RecordSchemaError, PaperSchemaError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
