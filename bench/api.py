@@ -30,7 +30,9 @@ from methods.quant.bits import BitSpec, BitSpecError, parse_bits
 from methods.quant.registry import unknown_name_message
 from tasks.base import DATASETS, TASKS, Task, get_task, task_options
 
-DEFAULT_BITS = ("w4a4", "w6a6", "w8a8", "w4a8")
+# The four uniform settings and one mixed-precision budget (average 5 bits for weights and for
+# activations; per-layer bits from each method's allocator).
+DEFAULT_BITS = ("w4a4", "w6a6", "w8a8", "w4a8", "mp5")
 BASE_PROFILES = ("ci", "fast", "paper")
 # Seeds when none are given. Mini: at 4 bits the data-free methods' seed std is a point or more
 # (results/golden/spread.md), so one seed cannot rank them; three give the tables a mean ± std and a

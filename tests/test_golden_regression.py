@@ -29,8 +29,8 @@ def test_golden_file_covers_the_mini_grid():
                ("seg", "mini-upernet-swin")]
     for task, model in models:
         assert f"{task}/{model}/fp/fp/0" in jobs
-        for method in ("minmax-ptq", "noise-ptq", "psaq-vit", "psaq-vit-v2", "mimiq"):
-            for bits in ("w4a4", "w6a6", "w8a8", "w4a8"):
+        for method in ("minmax-ptq", "noise-ptq", "psaq-vit", "psaq-vit-v2", "mimiq", "spdfq", "mptq-vit"):
+            for bits in ("w4a4", "w6a6", "w8a8", "w4a8", "mp5"):
                 assert f"{task}/{model}/{method}/{bits}/0" in jobs
     assert len(golden["seeds_measured"]) >= 3 and len(golden["kernel_paths_measured"]) >= 2
 
