@@ -377,8 +377,9 @@ def test_regress_update_then_pass_then_detect(tmp_path, fakes, capsys):
     assert golden["dataset"] == "mini" and golden["profile"] == "ci" and golden["schema"] == 2
     assert golden["rule"]["seed_k"] == ToleranceRule().seed_k
     assert "tolerance = max(floor" in golden["rule"]["text"]
-    # 2 models x (fp + 2 methods x 4 default bits) = 18 jobs with readable ids.
-    assert len(golden["results"]) == 18 and "toy/toy-a/toy-ptq/w4a4/0" in golden["results"]
+    # 2 models x (fp + 2 methods x 5 default bits: four uniform and mp5) = 22 jobs with readable ids.
+    assert len(golden["results"]) == 22 and "toy/toy-a/toy-ptq/w4a4/0" in golden["results"]
+    assert "toy/toy-b/toy-dfq/mp5/0" in golden["results"]
     cell = golden["results"]["toy/toy-a/toy-ptq/w4a4/0"]["top1"]
     # one run: no spread measured, the tolerance is the floor (the toy task reports no eval size: 0)
     assert cell["seed_values"] == [] and cell["kernel_values"] == {} and cell["tolerance"] == cell["floor"]
@@ -428,7 +429,7 @@ def test_regress_missing_and_extra_jobs(tmp_path, fakes, capsys):
 def test_regress_in_temp_dir(tmp_path, fakes, capsys):
     assert _full_regress(tmp_path, "--update") == 0
     code = cli.main(["regress", "--golden", str(tmp_path / "golden.json")])  # fresh temp results dir
-    assert code == 0 and "PASS: 36 metric checks: 36 ok" in capsys.readouterr().out
+    assert code == 0 and "PASS: 44 metric checks: 44 ok" in capsys.readouterr().out
 
 
 def test_compare_unit():
