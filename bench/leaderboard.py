@@ -233,6 +233,7 @@ def _plots(site: Site, task: str, entries: list[Entry]) -> list[dict[str, str]]:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FormatStrFormatter
 
     out = []
     slices: dict[tuple[str, str], list[Entry]] = {}
@@ -248,6 +249,10 @@ def _plots(site: Site, task: str, entries: list[Entry]) -> list[dict[str, str]]:
                 pts = sorted((e.avg_bits, e.value) for e in rows if e.method == method)
                 ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-" if len(pts) > 1 else "o", label=method)
             ax.set(xlabel="average bits ((w + a) / 2; FP = 32)", ylabel=metric, xscale="log", title=model)
+            xs = [e.avg_bits for e in rows if not math.isnan(e.avg_bits)]
+            ticks = [t for t in (2, 3, 4, 5, 6, 8, 12, 16, 32) if xs and min(xs) <= t <= max(xs)]
+            ax.set_xticks(ticks, [str(t) for t in ticks])
+            ax.minorticks_off()
             ax.legend(fontsize=7, ncol=2)
             rel = f"plots/{_safe(f'{task}_{dataset}_{profile}_{model}')}_bits.png"
             fig.savefig(site.root / rel, dpi=90, bbox_inches="tight")
@@ -267,6 +272,9 @@ def _plots(site: Site, task: str, entries: list[Entry]) -> list[dict[str, str]]:
         ax.scatter([points[i][0] for i in front], [points[i][1] for i in front], s=60, facecolors="none",
                    edgecolors="k", label="Pareto front")
         ax.set(xlabel="model size (MB)", ylabel=metric, xscale="log", title=f"{task}: {metric} vs size")
+        ax.xaxis.set_major_formatter(FormatStrFormatter("%g"))
+        ax.xaxis.set_minor_formatter(FormatStrFormatter("%g"))
+        ax.tick_params(axis="x", which="minor", labelsize=7)
         ax.legend(fontsize=7)
         rel = f"plots/{_safe(f'{task}_{dataset}_{profile}')}_pareto.png"
         fig.savefig(site.root / rel, dpi=90, bbox_inches="tight")
