@@ -1,4 +1,4 @@
-"""Command line: ``python -m bench {run,list,tables,regress}`` (console script ``vitq-bench``).
+"""Command line: ``python -m bench {run,list,tables,leaderboard,regress}`` (console script ``vitq-bench``).
 
 Exit codes: 0 success; 1 a job failed, no records for tables, or a regression;
 2 a usage error (unknown name, bad flag, missing data/weights, no CUDA) — checked
@@ -141,6 +141,17 @@ def cmd_paper_tables(args: argparse.Namespace, formats: list[str]) -> int:
             print(RUN_HINT)
         for line in commands:
             print(line)
+    return 0
+
+
+def cmd_leaderboard(args: argparse.Namespace) -> int:
+    """``bench leaderboard``: the static HTML site of the records (bench/leaderboard.py)."""
+    from bench.leaderboard import write_site  # local import: jinja2 and matplotlib only here
+
+    if args.dataset is not None:
+        api.check_names("dataset", [args.dataset], list(DATASETS))
+    index = write_site(ResultStore(args.results), args.out, args.dataset)
+    print(f"leaderboard: {index}")
     return 0
 
 
@@ -325,7 +336,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="vitq-bench", description="Low-bit ViT quantization benchmark harness."
     )
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{run,list,tables,regress}")
+    sub = parser.add_subparsers(dest="command", required=True,
+                                metavar="{run,list,tables,leaderboard,regress}")
 
     p = sub.add_parser(
         "run", parents=[common], help="run the grid, skipping finished jobs; then render tables"
@@ -368,6 +380,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--profile", default=None,
                    help="with --paper: records of this profile (default: paper for full, ci for mini)")
     p.set_defaults(func=cmd_tables)
+
+    p = sub.add_parser("leaderboard", parents=[common],
+                       help="write the static HTML leaderboard of the records (opens from file://)")
+    p.add_argument("--results", default=RESULTS_DEFAULT)
+    p.add_argument("--dataset", default=None, help="only this dataset: mini | full (default: all)")
+    p.add_argument("--out", default=None, type=Path, help="site directory (default: <results>/leaderboard)")
+    p.set_defaults(func=cmd_leaderboard)
 
     p = sub.add_parser("regress", parents=[common], help="mini grid (ci profile) vs the golden file")
     _grid_args(p, regress=True)

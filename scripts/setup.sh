@@ -56,6 +56,17 @@ if ! "$VENV/bin/python" -c "import mmcv, sys; sys.exit(mmcv.__version__ != '$MMC
   pip_ install -q --no-deps "$WHEELHOUSE"/mmcv-*.whl
 fi
 
+# Headless Chromium for the leaderboard's browser test (tests/test_leaderboard.py; it skips without them).
+if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    log "installing chromium and chromium-driver (apt) for the leaderboard browser test"
+    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver; } \
+      || log "apt-get install chromium chromium-driver failed: the leaderboard browser test will skip"
+  else
+    log "chromium / chromedriver not installed (not root): the leaderboard browser test will skip; as root: apt-get install chromium chromium-driver"
+  fi
+fi
+
 log "installing vitq-bench (editable) with its pinned dependencies"
 pip_ install -q -e "$ROOT[mm,dev,dinov2]"
 log "done: $("$VENV/bin/python" -c 'import torch, timm, mmcv, mmdet, mmseg; print(f"torch {torch.__version__}, timm {timm.__version__}, mmcv {mmcv.__version__}, mmdet {mmdet.__version__}, mmseg {mmseg.__version__}")')"
