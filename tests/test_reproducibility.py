@@ -48,7 +48,7 @@ def test_regress_passes_then_catches_a_broken_quantizer(tmp_path):
     golden = json.loads(GOLDEN.read_text())
     jobs = [j for j in golden["results"] if j.startswith("cls/mini-vit/") and "/minmax-ptq/" in j or
             j == "cls/mini-vit/fp/fp/0"]
-    assert len(jobs) == 5
+    assert len(jobs) == 6  # fp + four uniform specs + mp5
     select = ["--methods", "minmax-ptq", "--models", "mini-vit", "--tasks", "cls", "--results",
               str(tmp_path / "r")]
     ok = _bench("regress", *select)
