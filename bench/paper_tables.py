@@ -10,7 +10,6 @@ on the mini analogue models, without published values (mini numbers are not comp
 
 from __future__ import annotations
 
-import io
 import math
 import shlex
 import statistics
@@ -25,7 +24,7 @@ from tabulate import tabulate
 from bench.grid import FP_METHOD, coerce_method_args
 from bench.papers import Column, Paper, Row, Table, is_harness_model, mini_analogue
 from bench.store import ResultStore, atomic_write_text, method_args_suffix
-from bench.tables import FORMATS, MISSING, _latest, format_cell, signed, to_latex
+from bench.tables import FORMATS, MISSING, _latest, format_cell, format_texts, signed, to_latex
 
 FLAG = "!"
 NOT_RUN = "not run"
@@ -252,17 +251,7 @@ def render_paper(paper: Paper, df: pd.DataFrame, dataset: str = "full", profile:
     note = MINI_NOTE if mini else FULL_NOTE
     md.append(f"_{note}_\n")
     tex.append(f"% {note}")
-    texts: dict[str, str] = {}
-    if "md" in formats:
-        texts["md"] = "\n".join(md)
-    if "tex" in formats:
-        texts["tex"] = "\n\n".join(tex) + "\n"
-    if "csv" in formats:
-        buf = io.StringIO()
-        if mini:
-            buf.write(f"# {MINI_NOTE}\n")
-        pd.DataFrame(long).to_csv(buf, index=False)
-        texts["csv"] = buf.getvalue()
+    texts = format_texts(md, tex, pd.DataFrame(long), MINI_NOTE if mini else None, formats)
     return texts, list(dict.fromkeys(commands))
 
 

@@ -246,6 +246,14 @@ def render(df: pd.DataFrame, task: str, dataset: str, formats: Sequence[str] = F
             csv_parts.append(flat)
     md.append(f"_{CELL_NOTE} {NOISE_NOTE} {COST_NOTE}_\n")
     tex.append(f"% {CELL_NOTE} {NOISE_NOTE} {COST_NOTE}")
+    csv = pd.concat(csv_parts, ignore_index=True).fillna("") if csv_parts else None
+    return format_texts(md, tex, csv, note, formats)
+
+
+def format_texts(md: list[str], tex: list[str], csv: pd.DataFrame | None, csv_note: str | None,
+                 formats: Sequence[str]) -> dict[str, str]:
+    """The requested formats' texts from markdown lines, LaTeX parts and one CSV frame (with an
+    optional ``# note`` line first)."""
     out: dict[str, str] = {}
     if "md" in formats:
         out["md"] = "\n".join(md)
@@ -253,10 +261,10 @@ def render(df: pd.DataFrame, task: str, dataset: str, formats: Sequence[str] = F
         out["tex"] = "\n\n".join(tex) + "\n"
     if "csv" in formats:
         buf = io.StringIO()
-        if note:
-            buf.write(f"# {note}\n")
-        if csv_parts:
-            pd.concat(csv_parts, ignore_index=True).fillna("").to_csv(buf, index=False)
+        if csv_note:
+            buf.write(f"# {csv_note}\n")
+        if csv is not None:
+            csv.to_csv(buf, index=False)
         out["csv"] = buf.getvalue()
     return out
 
